@@ -1,0 +1,5 @@
+import sys
+
+from selfsup.platform.cli import main
+
+sys.exit(main())

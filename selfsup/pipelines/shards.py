@@ -1,0 +1,242 @@
+"""WebDataset shards in a bucket or directory, and the manifest that describes them.
+
+Layout under DEST:
+    manifest.json              written last; readers trust only what it lists
+    _progress.json             while sharding: shards finished so far (for resume); removed at the end
+    train/shard-000000.tar     members {key}.png|.jpg and {key}.cls (the label as ASCII digits)
+    test/shard-000000.tar
+
+Manifest (format version 1):
+    {"format": "selfsup-webdataset", "version": 1, "plan": ..., "source": ..., "created": ...,
+     "class_names": [...], "image": {"mode": "L"|"RGB", "format": "png"|"jpg", "size": [H, W] | null},
+     "splits": {"train": {"num_samples": N, "shards": [{"path", "num_samples", "sha256", "bytes"}]}},
+     "skipped": [{"ref", "error"}]}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+
+from selfsup.pipelines.sources import Source, UnreadableImage
+from selfsup.pipelines.storage import Endpoint, Store, StorageError, open_store
+
+FORMAT = "selfsup-webdataset"
+VERSION = 1
+MANIFEST = "manifest.json"
+PROGRESS = "_progress.json"
+
+
+class ManifestError(StorageError):
+    """No manifest, or one this version cannot read."""
+
+
+@dataclass
+class ShardOptions:
+    samples_per_shard: int = 1000
+    fmt: str | None = None  # png | jpg; default png for grey images, jpg for RGB photos
+    quality: int = 95
+    workers: int = 4
+    overwrite: bool = False
+
+
+def _tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
+    """A deterministic tar: fixed mtime/owner so identical input gives identical bytes (and sha256)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode = len(data), 0, 0o644
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def _plan_id(source: Source, fmt: str, opts: ShardOptions) -> str:
+    desc = json.dumps([VERSION, source.fingerprint, fmt, opts.quality, opts.samples_per_shard,
+                       {s: len(v) for s, v in source.splits.items()}])
+    return hashlib.sha256(desc.encode()).hexdigest()[:16]
+
+
+def load_manifest(dest: str, ep: Endpoint | None = None, store: Store | None = None) -> dict:
+    store = store or open_store(dest, ep)
+    try:
+        m = json.loads(store.read(MANIFEST))
+    except FileNotFoundError:
+        raise ManifestError(f"no manifest at {store.url(MANIFEST)}: shard a data set there with `selfsup shard`") from None
+    except ValueError as e:
+        raise ManifestError(f"manifest at {store.url(MANIFEST)} is not valid JSON: {e}") from None
+    if m.get("format") != FORMAT or m.get("version") != VERSION:
+        raise ManifestError(f"manifest at {store.url(MANIFEST)} has format {m.get('format')!r} version "
+                            f"{m.get('version')!r}; this selfsup reads {FORMAT!r} version {VERSION}")
+    return m
+
+
+def write_shards(source: Source, dest: str, opts: ShardOptions, ep: Endpoint | None = None,
+                 progress: bool = True, log=print) -> dict:
+    """Shard `source` into `dest`; resumes a previous run of the same plan. Returns the manifest."""
+    from tqdm import tqdm
+
+    store = open_store(dest, ep, create=True)
+    fmt = opts.fmt or ("png" if source.mode == "L" else "jpg")
+    if fmt not in ("png", "jpg"):
+        raise ValueError(f"image format {fmt!r} is not one of png, jpg")
+    if opts.samples_per_shard < 1:
+        raise ValueError(f"samples per shard must be >= 1, got {opts.samples_per_shard}")
+    plan = _plan_id(source, fmt, opts)
+
+    done: dict[str, dict] = {}
+    for name in (MANIFEST, PROGRESS):
+        if not store.exists(name):
+            continue
+        old = json.loads(store.read(name))
+        if old.get("plan") == plan:
+            for split in old.get("splits", {}).values():
+                done.update({s["path"]: s for s in split["shards"]})
+            done.update({s["path"]: s for s in old.get("done", [])})
+        elif not opts.overwrite:
+            raise StorageError(f"{store.url(name)} describes a different data set (source {old.get('source')!r}); "
+                               "pass --overwrite to replace it")
+        else:
+            # Drop the old manifest first, so nothing ever points at a shard being rewritten.
+            store.delete(name)
+            for split in old.get("splits", {}).values():
+                for s in split["shards"]:
+                    store.delete(s["path"])
+
+    jobs = []  # (path, split, first index, items)
+    for split, items in source.splits.items():
+        for n, start in enumerate(range(0, len(items), opts.samples_per_shard)):
+            jobs.append((f"{split}/shard-{n:06d}.tar", split, start, items[start:start + opts.samples_per_shard]))
+
+    def build(job) -> dict:
+        path, split, start, items = job
+        members, skipped = [], []
+        for i, it in enumerate(items):
+            key = f"{split}_{start + i:08d}"
+            try:
+                img = source.encode(it, fmt, opts.quality)
+            except UnreadableImage as e:
+                skipped.append({"ref": it.ref, "error": str(e)})
+                continue
+            members += [(f"{key}.{fmt}", img), (f"{key}.cls", str(it.label).encode())]
+        data = _tar_bytes(members)
+        sha = hashlib.sha256(data).hexdigest()
+        store.upload(path, io.BytesIO(data), metadata={"sha256": sha})
+        return {"path": path, "num_samples": len(members) // 2, "sha256": sha, "bytes": len(data), "skipped": skipped}
+
+    results: dict[str, dict] = {}
+    todo = []
+    for job in jobs:
+        prev = done.get(job[0])
+        if prev and store.sha256(job[0]) == prev["sha256"]:
+            results[job[0]] = prev
+        else:
+            todo.append(job)
+    if results:
+        log(f"resuming: {len(results)} of {len(jobs)} shards already present with matching sha256")
+
+    bar = tqdm(total=sum(len(j[3]) for j in todo), unit="img", disable=not progress, desc=f"sharding to {store.uri}")
+    last_save = 0.0
+
+    def save_progress(force: bool = False) -> None:
+        nonlocal last_save
+        if force or time.monotonic() - last_save > 2.0:
+            store.write(PROGRESS, json.dumps({"plan": plan, "source": source.name, "done": list(results.values())}).encode())
+            last_save = time.monotonic()
+
+    def finish(fut) -> None:
+        r = fut.result()
+        results[r["path"]] = r
+        bar.update(r["num_samples"] + len(r["skipped"]))
+
+    try:
+        with ThreadPoolExecutor(max(1, opts.workers)) as pool:
+            pending = set()
+            # Bounded in flight: memory stays at a few shards whatever the data set's size.
+            for job in todo:
+                pending.add(pool.submit(build, job))
+                if len(pending) >= 2 * max(1, opts.workers):
+                    finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                    for f in finished:
+                        finish(f)
+                    save_progress()
+            for f in pending:
+                finish(f)
+    finally:
+        # Interrupted or not, record what is finished so that a re-run resumes from it.
+        bar.close()
+        save_progress(force=True)
+
+    splits = {}
+    for split in source.splits:
+        shards = [{k: v for k, v in results[j[0]].items() if k != "skipped"} for j in jobs if j[1] == split]
+        splits[split] = {"num_samples": sum(s["num_samples"] for s in shards), "shards": shards}
+    manifest = {
+        "format": FORMAT, "version": VERSION, "plan": plan, "source": source.name,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "class_names": source.class_names,
+        "image": {"mode": source.mode, "format": fmt, "size": list(source.size) if source.size else None},
+        "splits": splits,
+        "skipped": [s for r in results.values() for s in r.get("skipped", [])],
+    }
+    store.write(MANIFEST, json.dumps(manifest, indent=1).encode())
+    store.delete(PROGRESS)
+    return manifest
+
+
+def count_samples(data: bytes) -> int:
+    """Samples in a shard's bytes; raises tarfile.TarError when the tar is damaged."""
+    keys = set()
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+        for m in tar:
+            if m.isfile():
+                key, _, ext = m.name.rpartition(".")
+                if ext == "cls":
+                    keys.add(key)
+                tar.extractfile(m).read()  # a truncated member fails here, not later in training
+    return len(keys)
+
+
+def verify(dest: str, ep: Endpoint | None = None, workers: int = 8) -> tuple[dict, list[str]]:
+    """Re-read every shard the manifest lists; return (manifest, one line per bad shard)."""
+    store = open_store(dest, ep)
+    manifest = load_manifest(dest, store=store)
+    shards = [s for split in manifest["splits"].values() for s in split["shards"]]
+
+    def check(s: dict) -> str | None:
+        try:
+            data = store.read(s["path"])
+        except FileNotFoundError:
+            return f"{store.url(s['path'])}: missing"
+        sha = hashlib.sha256(data).hexdigest()
+        if sha != s["sha256"]:
+            return f"{store.url(s['path'])}: sha256 {sha[:12]}… does not match the manifest's {s['sha256'][:12]}…"
+        try:
+            n = count_samples(data)
+        except (tarfile.TarError, OSError, EOFError) as e:
+            return f"{store.url(s['path'])}: unreadable tar ({e})"
+        if n != s["num_samples"]:
+            return f"{store.url(s['path'])}: {n} samples, manifest says {s['num_samples']}"
+        return None
+
+    with ThreadPoolExecutor(workers) as pool:
+        problems = [p for p in pool.map(check, shards) if p]
+    return manifest, problems
+
+
+def summary(manifest: dict) -> str:
+    img = manifest["image"]
+    size = "x".join(map(str, img["size"])) if img["size"] else "mixed sizes"
+    lines = [f"source {manifest['source']}: {len(manifest['class_names'])} classes, {img['mode']} {size}, {img['format']}"]
+    for name, split in manifest["splits"].items():
+        total = sum(s["bytes"] for s in split["shards"])
+        lines.append(f"  {name}: {split['num_samples']} samples in {len(split['shards'])} shards, {total / 1e6:.1f} MB")
+    if manifest["skipped"]:
+        lines.append(f"  skipped {len(manifest['skipped'])} unreadable images (listed in manifest.json)")
+    return "\n".join(lines)
+

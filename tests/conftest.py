@@ -1,0 +1,55 @@
+"""Shared fixtures. Every server a test needs is started here, on 127.0.0.1, and stopped."""
+
+import os
+import tempfile
+
+# Never touch the user's ~/.selfsup, whatever a test does; keep Ray on loopback.
+os.environ["SELFSUP_HOME"] = tempfile.mkdtemp(prefix="selfsup-test-home-")
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+os.environ["RAY_DATA_DISABLE_PROGRESS_BARS"] = "1"
+for var in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "SELFSUP_STORAGE"):
+    os.environ.pop(var, None)
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from selfsup.pipelines.seaweed import EmbeddedS3  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """A real SeaweedFS on free ports in a temporary directory; its endpoint is in AWS_* for the session."""
+    server = EmbeddedS3(tmp_path_factory.mktemp("s3home"))
+    ep = server.up()
+    old = {k: os.environ.get(k) for k in ep.env()}
+    os.environ.update(ep.env())
+    yield ep
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    server.down()
+
+
+_bucket_counter = iter(range(10**6))
+
+
+@pytest.fixture
+def s3_uri(s3):
+    """A fresh s3:// prefix per test."""
+    return f"s3://test-bucket/run{next(_bucket_counter)}-{os.getpid()}"
+
+
+@pytest.fixture(scope="session")
+def tiny_npz(tmp_path_factory):
+    """40 grey 16x16 images of 4 classes whose class is visible (a bright band at a class-dependent row)."""
+    rng = np.random.default_rng(0)
+    n, k = 40, 4
+    labels = np.arange(n) % k
+    images = rng.integers(0, 60, size=(n, 16, 16), dtype=np.uint8)
+    for i, y in enumerate(labels):
+        images[i, 3 * y + 2: 3 * y + 5, :] = 230
+    path = tmp_path_factory.mktemp("npz") / "tiny.npz"
+    np.savez(path, images=images, labels=labels, class_names=np.array(["a", "b", "c", "d"]))
+    return path
