@@ -53,3 +53,24 @@ def tiny_npz(tmp_path_factory):
     path = tmp_path_factory.mktemp("npz") / "tiny.npz"
     np.savez(path, images=images, labels=labels, class_names=np.array(["a", "b", "c", "d"]))
     return path
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray cluster for the session: 2 CPUs, loopback only, no dashboard."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(s3, tiny_npz):
+    """The tiny npz as 5 train shards of 8 samples on the test S3 server."""
+    from selfsup.pipelines.shards import ShardOptions, write_shards
+    from selfsup.pipelines.sources import open_source
+
+    uri = "s3://test-data/tiny"
+    write_shards(open_source(str(tiny_npz)), uri, ShardOptions(samples_per_shard=8), progress=False, log=lambda *_: None)
+    return uri
