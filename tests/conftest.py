@@ -74,3 +74,15 @@ def tiny_shards(s3, tiny_npz):
     uri = "s3://test-data/tiny"
     write_shards(open_source(str(tiny_npz)), uri, ShardOptions(samples_per_shard=8), progress=False, log=lambda *_: None)
     return uri
+
+
+@pytest.fixture(scope="session")
+def tiny_labeled(s3, tiny_npz):
+    """The tiny npz with a held-out test split, on the test S3 server."""
+    from selfsup.pipelines.shards import ShardOptions, write_shards
+    from selfsup.pipelines.sources import open_source
+
+    uri = "s3://test-data/tiny-split"
+    m = write_shards(open_source(str(tiny_npz), holdout=0.25), uri, ShardOptions(samples_per_shard=8),
+                     progress=False, log=lambda *_: None)
+    return uri, m

@@ -98,6 +98,7 @@ class Plain(Strict):
 
 
 ViewSpec = Annotated[Union[TwoViews, MultiCrop, Masked], Field(discriminator="kind")]
+VIEW_KINDS = {"two_views": TwoViews, "multi_crop": MultiCrop, "masked": Masked}
 
 
 def stack_padded(images: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,6 +8,7 @@ import os
 import sys
 
 DEFAULT_DATA = "s3://selfsup/datasets/fashion-mnist"
+DEFAULT_RUNS = "s3://selfsup/runs"
 
 
 class UsageError(ValueError):
@@ -59,6 +60,70 @@ def _shard_verify(args) -> int:
     return 1 if problems else 0
 
 
+def _config_show(args) -> int:
+    from selfsup.platform.config import load_config, to_yaml
+
+    sys.stdout.write(to_yaml(load_config(args.config, args.overrides)))
+    return 0
+
+
+def _methods_list(args) -> int:
+    from selfsup.methods import METHODS
+
+    for name, cls in METHODS.items():
+        doc = (cls.__module__ and sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0]
+        print(f"{name:14} views={cls.view_kind:11} {doc}")
+    return 0
+
+
+def _train(args) -> int:
+    from selfsup.platform.config import load_config
+    from selfsup.platform.trainer import train
+
+    cfg = load_config(args.config, args.overrides)
+    summary = train(cfg)
+    print(json.dumps(summary, indent=1))
+    return 0 if summary["status"] == "finished" else 1
+
+
+def _runs(args) -> int:
+    from selfsup.pipelines.storage import open_store
+    from selfsup.platform.evaluate import resolve_run
+    from selfsup.platform.runs import format_runs, list_runs, read_metrics, read_summary
+
+    if args.action == "list":
+        print(format_runs(list_runs(args.root)))
+        return 0
+    if not args.run:
+        raise UsageError("runs show needs RUN (a name under --root, or a URI)")
+    store = open_store(resolve_run(args.run, args.root))
+    summary = read_summary(store)
+    if not summary:
+        raise UsageError(f"no run at {store.uri} (no summary.json)")
+    print(json.dumps(summary, indent=1))
+    rows = read_metrics(store)
+    for r in rows[-args.tail:] if args.tail else rows:
+        print(json.dumps(r))
+    return 0
+
+
+def _eval(args) -> int:
+    from selfsup.platform.evaluate import evaluate_run, resolve_run
+
+    out = evaluate_run(resolve_run(args.run, args.root), args.kind, args.train_samples, args.test_samples,
+                       args.checkpoint, args.random_init, args.teacher)
+    print(json.dumps(out, indent=1))
+    return 0
+
+
+def _data_preview(args) -> int:
+    from selfsup.platform.preview import preview
+
+    n = preview(args.config, args.overrides, args.out, args.samples)
+    print(f"wrote {args.out}: {n} views of {args.samples} samples")
+    return 0
+
+
 def _demo(args) -> int:
     from selfsup.platform.demo import run_demo
 
@@ -97,10 +162,60 @@ def build_parser() -> argparse.ArgumentParser:
                                    "Exit 1 when any shard is missing or corrupt.")
     s.add_argument("dest", nargs="?", default=DEFAULT_DATA)
     s.set_defaults(func=_shard_verify)
+    s = sub.add_parser("train", help="pretrain on Ray Train (resumes a run of the same storage.name)",
+                       description="Train CONFIG (a YAML file or a shipped config name) with key=value overrides, "
+                                   "on the Ray cluster RAY_ADDRESS names or on a local one.")
+    s.add_argument("config")
+    s.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    s.set_defaults(func=_train)
+
+    s = sub.add_parser("config", help="show the resolved config", description="Print CONFIG with overrides applied and "
+                       "every default filled in.")
+    s.add_argument("action", choices=["show"])
+    s.add_argument("config")
+    s.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    s.set_defaults(func=_config_show)
+
+    s = sub.add_parser("methods", help="list the registered SSL methods", description="List the SSL methods.")
+    s.add_argument("action", choices=["list"])
+    s.set_defaults(func=_methods_list)
+
+    s = sub.add_parser("runs", help="list runs or show one run's summary and metrics",
+                       description="Read runs (summary.json, metrics.jsonl) from S3 or a local root.")
+    s.add_argument("action", choices=["list", "show"])
+    s.add_argument("run", nargs="?", help="for show: a run name under --root, or its URI")
+    s.add_argument("--root", default=DEFAULT_RUNS)
+    s.add_argument("--tail", type=int, default=20, help="metric rows to print (0: all)")
+    s.set_defaults(func=_runs)
+
+    s = sub.add_parser("eval", help="kNN or linear-probe accuracy of a run's backbone",
+                       description="Evaluate a run's newest good checkpoint (or its random init) on frozen features: "
+                                   "knn = weighted kNN (k, T from the run's eval config); linear = logistic regression "
+                                   "with 100%%, 10%% and 1%% of the train labels. Defaults use whole splits.")
+    s.add_argument("kind", choices=["knn", "linear"])
+    s.add_argument("run")
+    s.add_argument("--root", default=DEFAULT_RUNS)
+    s.add_argument("--train-samples", type=int, default=0, help="0: the whole train split")
+    s.add_argument("--test-samples", type=int, default=0, help="0: the whole test split")
+    s.add_argument("--checkpoint", help="a checkpoint name (default: the newest that loads)")
+    s.add_argument("--random-init", action="store_true", help="the same backbone and seed, untrained (the baseline)")
+    s.add_argument("--teacher", action="store_true", help="the EMA teacher's backbone (DINO)")
+    s.set_defaults(func=_eval)
+
+    s = sub.add_parser("data", help="preview the views a config produces",
+                       description="Write a PNG grid: one row per sample, one column per view.")
+    s.add_argument("action", choices=["preview"])
+    s.add_argument("config")
+    s.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    s.add_argument("--out", default="views.png")
+    s.add_argument("--samples", type=int, default=8)
+    s.set_defaults(func=_data_preview)
+
     s = sub.add_parser("demo", help="the whole job on the embedded defaults (what `make demo` runs)",
-                       description="Start the embedded S3 server, shard Fashion-MNIST into it if absent, "
-                                   "and print the manifest summary.")
+                       description="Start the embedded S3 server, shard Fashion-MNIST into it if absent, train the "
+                                   "`demo` config on a local Ray cluster, print kNN before and after.")
     s.add_argument("--data", default=DEFAULT_DATA, help=f"where the shards live (default {DEFAULT_DATA})")
+    s.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides of the demo config")
     s.set_defaults(func=_demo)
     return p
 
@@ -108,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from selfsup.pipelines.sources import SourceError
     from selfsup.pipelines.storage import StorageError
+    from selfsup.platform.config import ConfigError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:2] == ["shard", "verify"]:
@@ -116,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     try:
         return args.func(args)
-    except (StorageError, SourceError, UsageError) as e:
+    except (StorageError, SourceError, UsageError, ConfigError) as e:
         print(f"selfsup: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

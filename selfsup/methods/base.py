@@ -1,0 +1,67 @@
+"""The method interface. A method is plain PyTorch (no Ray): it can train on any machine.
+
+A method is an `nn.Module` around a timm backbone that
+- declares the kind of views it consumes (`view_kind`: two_views, multi_crop or masked; the
+  pipeline builds them, see selfsup/pipelines/views.py for the batch keys),
+- declares its hyperparameters as a pydantic model (`Params`), addressable as `method.<name>`
+  in configs and sweeps,
+- returns from `forward(batch)` a dict holding `loss` and named metrics (plain floats or 0-d tensors),
+- updates its non-gradient state in `after_step(progress)` (EMA teachers, momentum schedules),
+  and its schedules in `before_step(progress)`; `progress` is the fraction of the run done, in
+  [0, 1], so schedules follow the steps the run will really take, budgeted or not,
+- keeps the backbone at `self.backbone`: evaluation reads features from it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+
+
+class Params(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class Method(nn.Module):
+    view_kind: ClassVar[str]
+    Params: ClassVar[type[Params]] = Params
+
+    def __init__(self, backbone: nn.Module, feat_dim: int, params: Params):
+        super().__init__()
+        self.backbone = backbone
+        self.feat_dim = feat_dim
+        self.params = params
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def before_step(self, progress: float) -> None:
+        """Set schedules that depend on how far the run is (0 at the start, 1 at the end)."""
+
+    def after_backward(self, progress: float) -> None:
+        """Adjust gradients before the optimizer step (e.g. freeze a layer early in the run)."""
+
+    def after_step(self, progress: float) -> None:
+        """Update non-gradient state after the optimizer step (EMA teachers, queues)."""
+
+    def student_parameters(self):
+        """What the optimizer trains (the default: every parameter that requires grad)."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+
+def cosine(start: float, end: float, progress: float) -> float:
+    """Cosine from `start` at progress 0 to `end` at progress 1."""
+    p = min(max(progress, 0.0), 1.0)
+    return end + (start - end) * 0.5 * (1 + math.cos(math.pi * p))
+
+
+@torch.no_grad()
+def ema_update(target: nn.Module, online: nn.Module, momentum: float) -> None:
+    for t, o in zip(target.parameters(), online.parameters()):
+        t.mul_(momentum).add_(o.detach(), alpha=1 - momentum)
+    for t, o in zip(target.buffers(), online.buffers()):
+        t.copy_(o)

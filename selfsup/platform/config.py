@@ -1,0 +1,250 @@
+"""Typed run configuration: YAML files (shipped ones in selfsup/configs/) plus `key=value`
+overrides. Every key is a dotted path a sweep can address (`optim.lr`, `method.temperature`,
+`data.views.view0.jitter_strength`). A wrong key or value is an error that names it."""
+
+from __future__ import annotations
+
+import copy
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from selfsup.methods import METHODS
+from selfsup.pipelines.views import VIEW_KINDS, ViewSpec
+
+
+class ConfigError(ValueError):
+    """A config that cannot run: the message names the key and what is allowed."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Strict):
+    uri: str = "s3://selfsup/datasets/fashion-mnist"
+    train_split: str = "train"
+    views: ViewSpec | None = None  # None: the method's view kind with its defaults
+    batch_size: int = Field(256, ge=1)  # global: split evenly across workers
+    mean: list[float] = [0.2860]  # Fashion-MNIST's; one value per channel, or one for all
+    std: list[float] = [0.3530]
+    seed: int = 0
+    strict: bool = False  # a corrupt shard fails the run instead of being skipped
+    prefetch_batches: int = Field(2, ge=0)
+
+
+class ModelConfig(Strict):
+    name: str = "resnet18"
+    cifar_stem: bool = True
+    in_chans: int = Field(3, ge=1)
+    kwargs: dict[str, Any] = {}
+
+
+class OptimConfig(Strict):
+    name: Literal["adamw", "sgd", "lars"] = "adamw"
+    lr: float = Field(1e-3, gt=0)  # per 256 images; scaled by the global batch (see lr_scaling)
+    lr_scaling: Literal["linear", "sqrt", "none"] = "linear"
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)  # cosine ends at lr * min_lr_ratio
+    warmup_fraction: float = Field(0.05, ge=0, lt=1)
+    weight_decay: float = Field(0.05, ge=0)
+    weight_decay_end: float | None = Field(None, ge=0)  # cosine to this; None: constant
+    momentum: float = Field(0.9, ge=0, lt=1)  # sgd, lars
+    betas: tuple[float, float] = (0.9, 0.999)  # adamw
+    clip_grad: float | None = Field(3.0, gt=0)
+    lars_eta: float = Field(0.02, gt=0)
+
+
+class ScheduleConfig(Strict):
+    """How long the run is: epochs, steps or a wall-clock budget (exactly one)."""
+
+    epochs: float | None = Field(None, gt=0)
+    steps: int | None = Field(None, gt=0)
+    time_budget_s: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _one(self):
+        given = [k for k in ("epochs", "steps", "time_budget_s") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"set exactly one of schedule.epochs, schedule.steps, schedule.time_budget_s (got {given or 'none'})")
+        return self
+
+
+class ScalingConfig(Strict):
+    num_workers: int = Field(2, ge=1)
+    min_workers: int | None = Field(None, ge=1)  # < num_workers: elastic between the two
+    cpus_per_worker: float = Field(0.5, gt=0)  # fractional on small machines: Ray Data needs CPUs too
+    gpus_per_worker: float = Field(0, ge=0)
+    torch_threads: int | None = Field(None, ge=1)  # None: the CPUs a worker may use, at least 1
+
+
+class TrainConfig(Strict):
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 where the device does it natively
+    channels_last: bool | Literal["auto"] = "auto"  # auto: for conv nets under bf16
+    log_every_steps: int = Field(10, ge=1)
+    checkpoint_every_epochs: float = Field(1.0, gt=0)
+    max_failures: int = Field(0, ge=0)
+    keep_checkpoints: int | None = Field(None, ge=1)  # None: keep every checkpoint
+
+
+class EvalConfig(Strict):
+    every_epochs: float | None = Field(1.0, gt=0)  # None: only at the end
+    at_start: bool = True  # kNN of the random init, the baseline every gain is measured against
+    k: int = Field(20, ge=1)
+    temperature: float = Field(0.07, gt=0)
+    train_split: str = "train"  # the kNN memory
+    test_split: str = "test"  # the queries
+    train_samples: int = Field(10000, ge=0)  # 0: the whole split
+    test_samples: int = Field(2000, ge=0)
+    image_size: int | None = Field(None, ge=4)  # None: the global view size
+
+
+class StorageConfig(Strict):
+    root: str = "s3://selfsup/runs"
+    name: str | None = None  # None: <method>-<model>-<UTC time>
+
+
+class MethodConfig(BaseModel):
+    """`name` picks the method; every other key is that method's parameter."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str = "simclr"
+
+
+class Config(Strict):
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    method: MethodConfig = MethodConfig()
+    optim: OptimConfig = OptimConfig()
+    schedule: ScheduleConfig = ScheduleConfig(epochs=1)
+    scaling: ScalingConfig = ScalingConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    storage: StorageConfig = StorageConfig()
+
+    @model_validator(mode="after")
+    def _method_and_views(self):
+        if self.method.name not in METHODS:
+            raise ValueError(f"method.name {self.method.name!r} is not one of {', '.join(sorted(METHODS))}")
+        cls = METHODS[self.method.name]
+        try:
+            cls.Params(**self.method_params())
+        except ValidationError as e:
+            raise ValueError(_describe(e, prefix="method.", root=cls.Params)) from None
+        if self.data.views is None:
+            self.data.views = VIEW_KINDS[cls.view_kind]()
+        elif self.data.views.kind != cls.view_kind:
+            raise ValueError(f"data.views.kind {self.data.views.kind!r} does not fit method {self.method.name!r}, "
+                             f"which consumes {cls.view_kind!r}")
+        if self.scaling.min_workers and self.scaling.min_workers > self.scaling.num_workers:
+            raise ValueError(f"scaling.min_workers {self.scaling.min_workers} > scaling.num_workers {self.scaling.num_workers}")
+        if self.data.batch_size % self.scaling.num_workers:
+            raise ValueError(f"data.batch_size {self.data.batch_size} is not divisible by scaling.num_workers "
+                             f"{self.scaling.num_workers}")
+        return self
+
+    def method_params(self) -> dict[str, Any]:
+        return {k: v for k, v in self.method.model_dump().items() if k != "name"}
+
+    def view_size(self) -> int:
+        v = self.data.views
+        return {"two_views": lambda: v.view0.size, "multi_crop": lambda: v.global_view.size,
+                "masked": lambda: v.view.size, "plain": lambda: v.size}[v.kind]()
+
+
+def _fields_at(root: type[BaseModel], loc: tuple) -> list[str]:
+    """The keys allowed in the section at `loc` (for 'unknown key' errors)."""
+    cls = root
+    for part in loc:
+        if part in VIEW_KINDS:
+            cls = VIEW_KINDS[part]
+            continue
+        field = cls.model_fields.get(part) if isinstance(part, str) else None
+        ann = getattr(field, "annotation", None)
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            cls = ann
+        elif field is None:
+            return []
+    return sorted(cls.model_fields)
+
+
+def _describe(e: ValidationError, prefix: str = "", root: type[BaseModel] | None = None) -> str:
+    lines = []
+    for err in e.errors():
+        # pydantic puts the union's tag in the path (data.views.two_views.view0): drop it
+        key = prefix + ".".join(str(p) for p in err["loc"] if p not in VIEW_KINDS)
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            allowed = _fields_at(root or Config, err["loc"][:-1])
+            lines.append(f"unknown key {key!r}" + (f" (allowed: {', '.join(allowed)})" if allowed else ""))
+        elif err["loc"]:
+            lines.append(f"{key}: {msg} (got {err.get('input')!r})")
+        else:
+            lines.append(msg)
+    return "; ".join(lines)
+
+
+def _set(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        nxt = node.get(p)
+        if nxt is None:
+            nxt = node[p] = {}
+        elif not isinstance(nxt, dict):
+            raise ConfigError(f"override {dotted!r}: {p!r} holds a value, not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def shipped_configs() -> dict[str, Path]:
+    root = resources.files("selfsup") / "configs"
+    return {p.name[:-5]: Path(str(p)) for p in root.iterdir() if p.name.endswith(".yaml")}
+
+
+def load_config(path: str | None, overrides: list[str] = ()) -> Config:
+    """Load `path` (a file, or the name of a shipped config) and apply `key=value` overrides."""
+    tree: dict = {}
+    if path:
+        shipped = shipped_configs()
+        p = Path(path)
+        if not p.exists() and path in shipped:
+            p = shipped[path]
+        if not p.exists():
+            raise ConfigError(f"config {path!r} not found (shipped configs: {', '.join(sorted(shipped))})")
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config {p} is not valid YAML: {e}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config {p} must be a mapping of sections")
+    lengths = ("schedule.epochs", "schedule.steps", "schedule.time_budget_s")
+    for ov in overrides:
+        key, eq, raw = ov.partition("=")
+        key = key.strip()
+        if not eq or not key:
+            raise ConfigError(f"override {ov!r} is not key=value")
+        if key in lengths:  # a run has one length: a new one replaces the file's
+            tree["schedule"] = {k: v for k, v in (tree.get("schedule") or {}).items() if f"schedule.{k}" not in lengths}
+        _set(tree, key, yaml.safe_load(raw) if raw.strip() else None)
+    method = (tree.get("method") or {}).get("name", "simclr")
+    if method not in METHODS:
+        raise ConfigError(f"method.name {method!r} is not one of {', '.join(sorted(METHODS))}")
+    # The view spec follows the method: switching method.name drops the other kind's views.
+    views = (tree.get("data") or {}).get("views")
+    if isinstance(views, dict) and "kind" not in views:
+        views["kind"] = METHODS[method].view_kind
+    return validate(tree)
+
+
+def validate(tree: dict) -> Config:
+    try:
+        return Config(**copy.deepcopy(tree))
+    except ValidationError as e:
+        raise ConfigError(_describe(e)) from None
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,158 @@
+"""What a run learned: weighted kNN (DINO's protocol) and a linear probe on frozen backbone features."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+import torch.nn.functional as F
+
+from selfsup.pipelines.storage import Endpoint, open_store
+from selfsup.pipelines.streaming import shard_samples
+from selfsup.pipelines.views import Plain, make_views, to_model_input
+from selfsup.pipelines.shards import load_manifest
+
+
+def load_labeled(uri: str, split: str, limit: int = 0, seed: int = 0, ep: Endpoint | None = None):
+    """(images: list of uint8 (C,H,W), labels (N,)) of a split, or of a fixed random subset of
+    `limit` samples (the same subset for every evaluation of every run with this seed)."""
+    store = open_store(uri, ep)
+    m = load_manifest(uri, store=store)
+    if split not in m["splits"]:
+        raise KeyError(f"split {split!r} is not in {uri} (it has {', '.join(m['splits'])})")
+    shards = m["splits"][split]["shards"]
+
+    def read(s):
+        return shard_samples(store.read(s["path"]), s["sha256"], name=store.url(s["path"]))
+
+    with ThreadPoolExecutor(4) as pool:
+        parts = list(pool.map(read, shards))
+    images = [im for _, ims, _ in parts for im in ims]
+    labels = torch.tensor([y for _, _, ys in parts for y in ys])
+    if limit and limit < len(images):
+        keep = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:limit].sort().values
+        images, labels = [images[i] for i in keep], labels[keep]
+    return images, labels
+
+
+@torch.no_grad()
+def extract_features(backbone: torch.nn.Module, images: list[torch.Tensor], size: int, mean, std, in_chans: int = 3,
+                     device=torch.device("cpu"), dtype: torch.dtype | None = None, batch_size: int = 512) -> torch.Tensor:
+    """L2-normalised features of the centre square of each image resized to `size`, eval-mode BN."""
+    was_training = backbone.training
+    backbone.eval()
+    feats = []
+    ctx = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+    for i in range(0, len(images), batch_size):
+        v = make_views(images[i:i + batch_size], Plain(size=size), torch.Generator())
+        x = to_model_input(v, mean, std, in_chans, device)["image"]
+        with ctx:
+            feats.append(backbone(x).float())
+    backbone.train(was_training)
+    return F.normalize(torch.cat(feats), dim=1).cpu()
+
+
+def knn_top1(train_f: torch.Tensor, train_y: torch.Tensor, test_f: torch.Tensor, test_y: torch.Tensor,
+             k: int = 20, temperature: float = 0.07, chunk: int = 1024) -> float:
+    """Weighted kNN (Wu et al. 2018, as in DINO): the k most cosine-similar training features vote
+    with weight exp(sim / T). Features must be L2-normalised. Returns top-1 accuracy in %."""
+    n_cls = int(max(train_y.max(), test_y.max())) + 1
+    k = min(k, len(train_f))
+    correct = 0
+    for i in range(0, len(test_f), chunk):
+        sim, idx = (test_f[i:i + chunk] @ train_f.T).topk(k, dim=1)
+        votes = torch.zeros(len(sim), n_cls).scatter_add_(1, train_y[idx], (sim / temperature).exp())
+        correct += int((votes.argmax(1) == test_y[i:i + chunk]).sum())
+    return 100.0 * correct / len(test_f)
+
+
+def linear_probe(train_f: torch.Tensor, train_y: torch.Tensor, test_f: torch.Tensor, test_y: torch.Tensor,
+                 fraction: float = 1.0, seed: int = 0, weight_decay: float = 1e-4, iters: int = 200) -> float:
+    """Multinomial logistic regression on frozen, standardised features (full-batch L-BFGS), trained
+    on `fraction` of the labels (a class-balanced subset), scored on the test set. Top-1 in %."""
+    if fraction < 1.0:
+        g = torch.Generator().manual_seed(seed)
+        keep = []
+        for c in train_y.unique():
+            idx = (train_y == c).nonzero().squeeze(1)
+            n = max(1, round(fraction * len(idx)))
+            keep.append(idx[torch.randperm(len(idx), generator=g)[:n]])
+        keep = torch.cat(keep)
+        train_f, train_y = train_f[keep], train_y[keep]
+    mu, sd = train_f.mean(0), train_f.std(0).clamp_min(1e-6)
+    xs, xt = (train_f - mu) / sd, (test_f - mu) / sd
+    n_cls = int(max(train_y.max(), test_y.max())) + 1
+    layer = torch.nn.Linear(xs.shape[1], n_cls)
+    opt = torch.optim.LBFGS(layer.parameters(), lr=1, max_iter=iters, history_size=20, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(layer(xs), train_y) + weight_decay * layer.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        return 100.0 * float((layer(xt).argmax(1) == test_y).float().mean())
+
+
+def raw_pixel_features(images: list[torch.Tensor], size: int | None = None) -> torch.Tensor:
+    """The baseline every method must beat: L2-normalised raw pixels."""
+    x = torch.stack(images).float() if size is None else make_views(images, Plain(size=size), torch.Generator())["image"].float()
+    x = x.flatten(1)
+    return F.normalize(x - x.mean(1, keepdim=True), dim=1)
+
+
+def resolve_run(run: str, root: str) -> str:
+    """A run URI from a URI, a local path, or a name under `root`."""
+    from selfsup.pipelines.storage import is_s3, join
+
+    if is_s3(run) or "/" in run:
+        return run.rstrip("/")
+    return join(root, run)
+
+
+def evaluate_run(run_uri: str, kind: str, train_samples: int = 0, test_samples: int = 0, checkpoint: str | None = None,
+                 random_init: bool = False, teacher: bool = False, ep: Endpoint | None = None, log=print) -> dict:
+    """kNN or linear-probe accuracy of a run's backbone (newest good checkpoint, or random init)."""
+    from selfsup.platform.config import validate
+    from selfsup.platform.runs import CONFIG
+    from selfsup.platform.step import autocast_dtype, build_method
+    from selfsup.platform.train_loop import read_checkpoint
+
+    import yaml
+
+    store = open_store(run_uri, ep)
+    try:
+        cfg = validate(yaml.safe_load(store.read_text(CONFIG)))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{store.url(CONFIG)} not found: is {run_uri} a selfsup run?") from None
+    torch.manual_seed(cfg.data.seed)
+    method = build_method(cfg)
+    used = "random init"
+    if not random_init:
+        state, used = read_checkpoint(run_uri, ep, checkpoint)
+        if state is None:
+            raise FileNotFoundError(f"run {run_uri} has no checkpoint yet")
+        method.load_state_dict(state["model"])
+    if teacher and not hasattr(method, "teacher_backbone"):
+        raise ValueError(f"method {cfg.method.name!r} has no teacher")
+    backbone = method.teacher_backbone if teacher else method.backbone
+    t0 = time.perf_counter()
+    train_imgs, train_y = load_labeled(cfg.data.uri, cfg.eval.train_split, train_samples, cfg.data.seed, ep)
+    test_imgs, test_y = load_labeled(cfg.data.uri, cfg.eval.test_split, test_samples, cfg.data.seed + 1, ep)
+    size = cfg.eval.image_size or cfg.view_size()
+    dtype = autocast_dtype(cfg, torch.device("cpu"))
+    feats = [extract_features(backbone, imgs, size, cfg.data.mean, cfg.data.std, cfg.model.in_chans, dtype=dtype)
+             for imgs in (train_imgs, test_imgs)]
+    out = {"run": run_uri, "checkpoint": used, "backbone": "teacher" if teacher else "student",
+           "train_samples": len(train_y), "test_samples": len(test_y)}
+    if kind == "knn":
+        out["knn_top1"] = knn_top1(feats[0], train_y, feats[1], test_y, cfg.eval.k, cfg.eval.temperature)
+    else:
+        for frac in (1.0, 0.1, 0.01):
+            out[f"linear_top1_{frac:g}"] = linear_probe(feats[0], train_y, feats[1], test_y, frac, cfg.data.seed)
+    out["time_s"] = round(time.perf_counter() - t0, 1)
+    return out

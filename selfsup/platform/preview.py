@@ -1,0 +1,39 @@
+"""`selfsup data preview`: a PNG grid of the views a config produces, one row per sample."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from selfsup.pipelines.shards import load_manifest
+from selfsup.pipelines.storage import is_s3, open_store, resolve_endpoint
+from selfsup.pipelines.streaming import shard_samples
+from selfsup.pipelines.views import make_views
+from selfsup.platform.config import load_config
+
+
+def preview(config: str, overrides: list[str], out: str, samples: int = 8, seed: int = 0) -> int:
+    from torchvision.utils import save_image
+
+    cfg = load_config(config, overrides)
+    ep = resolve_endpoint() if is_s3(cfg.data.uri) else None
+    store = open_store(cfg.data.uri, ep)
+    shard = load_manifest(cfg.data.uri, store=store)["splits"][cfg.data.train_split]["shards"][0]
+    _, images, _ = shard_samples(store.read(shard["path"]), shard["sha256"], name=store.url(shard["path"]))
+    views = make_views(images[:samples], cfg.data.views, torch.Generator().manual_seed(seed))
+    imgs = [v for v in views.values() if v.dim() == 4]
+    side = max(v.shape[-1] for v in imgs)
+    cols = []
+    for v in imgs:  # smaller views (local crops) padded to the largest, shown at their own scale
+        pad = side - v.shape[-1]
+        v = F.pad(v.float() / 255, (0, pad, 0, pad), value=1.0)
+        cols.append(v.expand(-1, 3, -1, -1))
+    if "mask" in views:  # masked patches greyed out beside the view
+        img = cols[0].clone()
+        p = cfg.data.views.patch_size
+        m = views["mask"].view(len(img), 1, side // p, side // p).float()
+        img = img * (1 - 0.7 * F.interpolate(m, scale_factor=p))
+        cols.append(img)
+    grid = torch.stack(cols, 1).flatten(0, 1)
+    save_image(grid, out, nrow=len(cols), padding=2, pad_value=1.0)
+    return len(grid)

@@ -1,0 +1,197 @@
+"""The Ray Train worker function: wraps the Ray-free TrainStep with DDP, the dataset shard,
+metric reports, kNN evaluation, checkpoints in storage and exact resume."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import tempfile
+import time
+
+import torch
+import torch.distributed as dist
+
+from selfsup.pipelines.storage import Endpoint, open_store
+from selfsup.platform.config import Config, validate
+from selfsup.platform.step import Progress, TrainStep, build_method
+
+log = logging.getLogger("selfsup.train")
+CKPT_PREFIX = "checkpoint-"
+
+
+def checkpoint_name(step: int) -> str:
+    return f"{CKPT_PREFIX}{step:08d}"
+
+
+def save_checkpoint(step_fn: TrainStep, step: int, epoch: int, elapsed: float, directory: str) -> None:
+    state = {**step_fn.state_dict(), "step": step, "epoch": epoch, "elapsed": elapsed,
+             "torch_rng": torch.get_rng_state()}
+    torch.save(state, os.path.join(directory, "state.pt"))
+    with open(os.path.join(directory, "meta.json"), "w") as f:
+        json.dump({"step": step, "epoch": epoch, "elapsed": elapsed}, f)
+
+
+def read_checkpoint(run_uri: str, ep: Endpoint | None, name: str | None = None) -> tuple[dict | None, str | None]:
+    """(state, name) of the newest checkpoint that loads, or (None, None) when the run has none.
+
+    One that fails to load is named in the log and the one before it is tried, so a damaged
+    checkpoint never silently restarts a run from zero. Nothing is unpickled: weights_only=True."""
+    store = open_store(run_uri, ep)
+    names = [name] if name else sorted({k.split("/")[0] for k in store.list() if k.startswith(CKPT_PREFIX)}, reverse=True)
+    for n in names:
+        try:
+            return torch.load(io.BytesIO(store.read(f"{n}/state.pt")), map_location="cpu", weights_only=True), n
+        except Exception as e:
+            log.error("checkpoint %s failed to load (%s: %s)%s", store.url(n), type(e).__name__, e,
+                      "; trying the one before it" if n != names[-1] else "")
+    if names:
+        raise RuntimeError(f"no checkpoint of {run_uri} loads (tried {', '.join(names)})")
+    return None, None
+
+
+def restore(run_uri: str, ep: Endpoint | None, step_fn: TrainStep) -> tuple[int, float, str | None]:
+    """(step, elapsed training time, checkpoint name) after restoring the newest good checkpoint."""
+    state, name = read_checkpoint(run_uri, ep)
+    if state is None:
+        return 0, 0.0, None
+    step_fn.load_state_dict(state)
+    torch.set_rng_state(state["torch_rng"])
+    return int(state["step"]), float(state["elapsed"]), name
+
+
+class Evaluator:
+    """kNN on backbone features over fixed subsets of the labeled splits (rank 0 only)."""
+
+    def __init__(self, cfg: Config, ep: Endpoint | None, device: torch.device, dtype):
+        from selfsup.platform.evaluate import load_labeled
+
+        e = cfg.eval
+        self.cfg, self.device, self.dtype = cfg, device, dtype
+        self.train = load_labeled(cfg.data.uri, e.train_split, e.train_samples, cfg.data.seed, ep)
+        self.test = load_labeled(cfg.data.uri, e.test_split, e.test_samples, cfg.data.seed + 1, ep)
+
+    def __call__(self, method) -> dict[str, float]:
+        from selfsup.platform.evaluate import extract_features, knn_top1
+
+        c, e = self.cfg, self.cfg.eval
+        size = e.image_size or c.view_size()
+        out = {}
+        backbones = {"knn_top1": method.backbone}
+        if hasattr(method, "teacher_backbone"):
+            backbones["knn_top1_teacher"] = method.teacher_backbone
+        t0 = time.perf_counter()
+        for key, bb in backbones.items():
+            f = [extract_features(bb, imgs, size, c.data.mean, c.data.std, c.model.in_chans, self.device, self.dtype)
+                 for imgs, _ in (self.train, self.test)]
+            out[key] = knn_top1(f[0], self.train[1], f[1], self.test[1], e.k, e.temperature)
+        out["eval_time_s"] = time.perf_counter() - t0
+        return out
+
+
+def _bad_shards(health: str | None) -> int:
+    if not health:
+        return 0
+    import ray
+
+    try:
+        return len(ray.get(ray.get_actor(health).bad_shards.remote(), timeout=10))
+    except Exception:
+        return 0
+
+
+def train_func(config: dict) -> None:
+    import ray.train
+    import ray.train.torch
+
+    cfg = validate(config["cfg"])
+    ep = Endpoint(**config["ep"]) if config["ep"] else None
+    run_uri, health, n_train = config["run_uri"], config["health"], config["n_train"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    threads = cfg.scaling.torch_threads or max(1, round(cfg.scaling.cpus_per_worker))
+    torch.set_num_threads(threads)
+    device = ray.train.torch.get_device()
+    torch.manual_seed(cfg.data.seed + rank)
+
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # not a line per report
+    method = build_method(cfg).to(device)
+    step_fn = TrainStep(method, cfg, device)  # sets the memory format: before DDP builds its buckets
+    if world > 1:
+        step_fn.model = torch.nn.parallel.DistributedDataParallel(
+            method, device_ids=[device.index] if device.type == "cuda" else None)
+    step, elapsed, restored = restore(run_uri, ep, step_fn)
+    if restored and rank == 0:
+        log.warning("resumed from %s/%s at step %d", run_uri, restored, step)
+
+    steps_per_epoch = max(1, n_train // cfg.data.batch_size)
+    progress = Progress(cfg, steps_per_epoch)
+    evaluator = Evaluator(cfg, ep, device, step_fn.dtype) if rank == 0 else None
+    local_bs = cfg.data.batch_size // world
+    shard = ray.train.get_dataset_shard("train")
+
+    def report(row: dict, checkpoint_dir: str | None = None) -> None:
+        row = {"kind": row.pop("kind"), "step": step, "epoch": round(step / steps_per_epoch, 4), **row}
+        ckpt = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.train.report(row, checkpoint=ckpt, checkpoint_dir_name=checkpoint_name(step) if ckpt else None)
+
+    def evaluate_and_checkpoint(eval_now: bool, ckpt_now: bool) -> None:
+        row = {"kind": "eval" if eval_now else "checkpoint"}
+        if ckpt_now:
+            row["checkpoint"] = checkpoint_name(step)
+        if eval_now and rank == 0:
+            row.update(evaluator(method))
+        if not ckpt_now:
+            report(row)
+            return
+        with tempfile.TemporaryDirectory() as d:
+            if rank == 0:
+                save_checkpoint(step_fn, step, step // steps_per_epoch, elapsed, d)
+            report(row, d if rank == 0 else None)
+
+    def period(n_epochs: float | None) -> int | None:
+        return None if n_epochs is None else max(1, round(n_epochs * steps_per_epoch))
+
+    eval_every, ckpt_every = period(cfg.eval.every_epochs), period(cfg.train.checkpoint_every_epochs)
+    if step == 0 and cfg.eval.at_start:
+        evaluate_and_checkpoint(True, False)
+
+    # An epoch is steps_per_epoch steps (the split's images once); each starts a new pass over
+    # the data, reshuffled. Every worker takes the same steps, so collectives stay in step.
+    window_t, window_steps, sums = time.perf_counter(), 0, {}
+    while not progress.done(step, elapsed):
+        epoch_end = (step // steps_per_epoch + 1) * steps_per_epoch
+        pass_start = step
+        for batch in shard.iter_torch_batches(batch_size=local_bs, drop_last=True,
+                                              prefetch_batches=cfg.data.prefetch_batches):
+            t0 = time.perf_counter()
+            metrics = step_fn(batch, progress(step, elapsed))
+            step += 1
+            dt = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+            if world > 1 and progress.budget:  # every worker must stop at the same step
+                dist.all_reduce(dt, op=dist.ReduceOp.MAX)
+            elapsed += float(dt)
+            window_steps += 1
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + v
+            done = progress.done(step, elapsed)
+            if step % cfg.train.log_every_steps == 0 or done or step == epoch_end:
+                wall = time.perf_counter() - window_t
+                row = {k: v / window_steps for k, v in sums.items()}
+                row.update(kind="train", images_per_s=window_steps * cfg.data.batch_size / wall, workers=world,
+                           progress=round(progress(step, elapsed), 5), elapsed_s=round(elapsed, 2))
+                if rank == 0:
+                    row["bad_shards"] = _bad_shards(health)
+                report(row)
+                window_t, window_steps, sums = time.perf_counter(), 0, {}
+            eval_now = done or (eval_every is not None and step % eval_every == 0)
+            ckpt_now = done or step % ckpt_every == 0
+            if eval_now or ckpt_now:
+                evaluate_and_checkpoint(eval_now, ckpt_now)
+                window_t = time.perf_counter()  # evaluation time is not training time
+            if done or step >= epoch_end:
+                break
+        if step == pass_start:
+            raise RuntimeError(f"rank {rank} got no full batch of {local_bs} samples from the data: "
+                               "is the split smaller than one global batch?")

@@ -1,0 +1,111 @@
+"""Losses against direct reference computations, and their distributed versions against one worker."""
+
+import math
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from selfsup.methods.dino import DINOHead, dino_loss, updated_center
+from selfsup.methods.simclr import nt_xent
+
+
+def nt_xent_reference(z0, z1, t):
+    """SimCLR's loss written out literally: for every anchor, -log(exp(s_pos/t) / sum_{k != anchor} exp(s_k/t))."""
+    z = F.normalize(torch.cat([z0, z1]).double(), dim=1)
+    n = len(z0)
+    total = 0.0
+    for i in range(2 * n):
+        pos = (i + n) % (2 * n)
+        num = math.exp(float(z[i] @ z[pos]) / t)
+        den = sum(math.exp(float(z[i] @ z[k]) / t) for k in range(2 * n) if k != i)
+        total += -math.log(num / den)
+    return total / (2 * n)
+
+
+def test_nt_xent_matches_reference():
+    g = torch.Generator().manual_seed(0)
+    z0, z1 = torch.randn(6, 5, generator=g), torch.randn(6, 5, generator=g)
+    for t in (0.1, 0.5):
+        assert abs(float(nt_xent(z0, z1, t)) - nt_xent_reference(z0, z1, t)) < 1e-5
+
+
+def dino_loss_reference(student, teacher, center, ts, tt):
+    total, n = 0.0, 0
+    for i, t in enumerate(teacher):
+        for j, s in enumerate(student):
+            if i == j:
+                continue
+            for b in range(len(t)):
+                q = torch.softmax((t[b].double() - center[0].double()) / tt, 0)
+                logp = torch.log_softmax(s[b].double() / ts, 0)
+                total += float(-(q * logp).sum()) / len(t)
+            n += 1
+    return total / n
+
+
+def test_dino_loss_and_center_match_reference():
+    g = torch.Generator().manual_seed(0)
+    teacher = [torch.randn(4, 7, generator=g) for _ in range(2)]
+    student = [torch.randn(4, 7, generator=g) for _ in range(5)]
+    center = torch.randn(1, 7, generator=g)
+    got = float(dino_loss(student, teacher, center, 0.1, 0.04))
+    assert abs(got - dino_loss_reference(student, teacher, center, 0.1, 0.04)) < 1e-5
+    new = updated_center(center, teacher, 0.9)
+    assert torch.allclose(new, 0.9 * center + 0.1 * torch.cat(teacher).mean(0, keepdim=True), atol=1e-6)
+
+
+def test_dino_head_last_layer_has_unit_norm_rows():
+    head = DINOHead(16, 32, hidden_dim=24, bottleneck_dim=8)
+    w = head.last_layer.weight
+    assert torch.allclose(w.norm(dim=1), torch.ones(32), atol=1e-5)
+    assert not head.last_layer.parametrizations.weight.original0.requires_grad
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world, port, z0, z1, queue):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        n = len(z0) // world
+        a = z0[rank * n:(rank + 1) * n].clone().requires_grad_()
+        b = z1[rank * n:(rank + 1) * n].clone().requires_grad_()
+        loss = nt_xent(a, b, 0.2)
+        loss.backward()
+        # DDP would average parameter gradients over workers: do the same to the inputs' gradients.
+        queue.put((rank, float(loss), a.grad / world, b.grad / world))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_nt_xent_two_gloo_workers_equal_one_worker_on_the_whole_batch():
+    g = torch.Generator().manual_seed(1)
+    z0, z1 = torch.randn(8, 6, generator=g), torch.randn(8, 6, generator=g)
+    a, b = z0.clone().requires_grad_(), z1.clone().requires_grad_()
+    whole = nt_xent(a, b, 0.2)
+    whole.backward()
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(r, 2, port, z0, z1, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = sorted(queue.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    mean_loss = sum(r[1] for r in results) / 2
+    assert abs(mean_loss - float(whole.detach())) < 1e-5
+    grad0 = torch.cat([r[2] for r in results])
+    grad1 = torch.cat([r[3] for r in results])
+    assert torch.allclose(grad0, a.grad, atol=1e-6) and torch.allclose(grad1, b.grad, atol=1e-6)

@@ -1,0 +1,69 @@
+"""The Ray-free training step and the schedules, on a tiny backbone."""
+
+import math
+
+import pytest
+import torch
+
+from selfsup.methods.base import cosine, ema_update
+from selfsup.pipelines.views import make_views
+from selfsup.platform.config import load_config
+from selfsup.platform.step import Progress, TrainStep, build_method, lr_at, wd_at
+
+TINY = ["model.name=resnet10t", "model.cifar_stem=false", "data.batch_size=16", "schedule.steps=4"]
+
+
+def test_lr_warms_up_then_anneals_over_the_planned_steps():
+    cfg = load_config(None, ["optim.lr=0.1", "optim.warmup_fraction=0.1", "data.batch_size=512",
+                             "optim.min_lr_ratio=0.01", "optim.weight_decay=0.04", "optim.weight_decay_end=0.4"])
+    peak = 0.1 * 512 / 256
+    assert lr_at(cfg, 0.0) == 0 and math.isclose(lr_at(cfg, 0.05), peak / 2)
+    assert math.isclose(lr_at(cfg, 0.1), peak) and math.isclose(lr_at(cfg, 1.0), peak * 0.01)
+    assert math.isclose(wd_at(cfg, 0.0), 0.04) and math.isclose(wd_at(cfg, 1.0), 0.4)
+    assert math.isclose(cosine(0.996, 1.0, 0.5), 0.998)
+
+
+def test_progress_by_epochs_steps_and_time():
+    assert Progress(load_config(None, ["schedule.epochs=2"]), steps_per_epoch=50)(25, 0) == 0.25
+    p = Progress(load_config(None, ["schedule.time_budget_s=60"]), steps_per_epoch=50)
+    assert p(10**6, 30.0) == 0.5 and not p.done(1, 59.0) and p.done(1, 60.0)
+
+
+def test_dino_schedules_follow_progress():
+    cfg = load_config(None, ["method.name=dino", "method.warmup_teacher_temp=0.04", "method.teacher_temp=0.07",
+                             "method.warmup_teacher_temp_fraction=0.5", "method.freeze_last_layer_fraction=0.1", *TINY])
+    m = build_method(cfg)
+    m.before_step(0.25)
+    assert math.isclose(m.teacher_temp, 0.055) and 0.996 < m.momentum < 1
+    m.before_step(1.0)
+    assert m.teacher_temp == 0.07 and m.momentum == 1.0
+    for p in m.head.last_layer.parameters():
+        p.grad = torch.ones_like(p)
+    m.after_backward(0.05)
+    assert all(p.grad is None for p in m.head.last_layer.parameters())
+
+
+def test_ema_update():
+    a, b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    before = a.weight.detach().clone()
+    ema_update(a, b, 0.9)
+    assert torch.allclose(a.weight, 0.9 * before + 0.1 * b.weight)
+
+
+@pytest.mark.parametrize("method", ["simclr", "dino"])
+def test_train_step_runs_without_ray_and_learns(method):
+    torch.manual_seed(0)
+    extra = ["data.views.global_view.size=16", "data.views.local_view.size=8", "data.views.n_local=2"] if method == "dino" \
+        else ["data.views.view0.size=16", "data.views.view1.size=16"]
+    cfg = load_config(None, [f"method.name={method}", *TINY, *extra, "optim.warmup_fraction=0"])
+    m = build_method(cfg)
+    step = TrainStep(m, cfg, torch.device("cpu"))
+    imgs = [torch.randint(0, 255, (1, 20, 20), dtype=torch.uint8) for _ in range(16)]
+    batch = make_views(imgs, cfg.data.views, torch.Generator().manual_seed(0))
+    before = [p.detach().clone() for p in m.backbone.parameters()]
+    out = [step(batch, i / 4) for i in range(4)]
+    assert all(math.isfinite(o["loss"]) for o in out)
+    assert {"loss", "lr", "grad_norm", "step_time_s"} <= set(out[0])
+    assert any(not torch.equal(a, b) for a, b in zip(before, m.backbone.parameters()))
+    if method == "dino":  # the teacher moved towards the student
+        assert any(not torch.equal(t, s) for t, s in zip(m.teacher_backbone.parameters(), m.backbone.parameters()))

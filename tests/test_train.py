@@ -1,0 +1,116 @@
+"""End to end: `selfsup train` on 2 Ray workers from the test S3 server, checkpoints and metrics in
+S3, resume at the exact step, a damaged checkpoint, and the run/eval commands that read the result."""
+
+import io
+import json
+import logging
+
+import pytest
+import torch
+
+from selfsup.pipelines.storage import open_store
+from selfsup.platform.cli import main
+from selfsup.platform.config import load_config
+from selfsup.platform.runs import read_metrics
+from selfsup.platform.train_loop import read_checkpoint
+from selfsup.platform.trainer import train
+
+ROOT = "s3://test-runs/runs"
+
+
+def _cfg(data, name, *extra):
+    return load_config(None, [
+        f"data.uri={data}", "data.batch_size=8", "data.views.view0.size=16", "data.views.view1.size=16",
+        "model.name=resnet10t", "model.cifar_stem=false", "method.proj_hidden_dim=64", "method.proj_dim=32",
+        "eval.train_samples=0", "eval.test_samples=0", "eval.k=5", f"storage.root={ROOT}", f"storage.name={name}",
+        "train.log_every_steps=1", *extra])
+
+
+@pytest.fixture(scope="module")
+def finished_run(ray_local, tiny_labeled):
+    data, manifest = tiny_labeled
+    steps_per_epoch = manifest["splits"]["train"]["num_samples"] // 8
+    summary = train(_cfg(data, "e2e", "schedule.epochs=2"), log=lambda *_: None)
+    return data, summary, steps_per_epoch
+
+
+def test_two_epochs_on_two_workers_leave_checkpoints_and_complete_metrics(finished_run):
+    data, summary, spe = finished_run
+    assert summary["status"] == "finished" and summary["step"] == 2 * spe and summary["epoch"] == 2.0
+    store = open_store(f"{ROOT}/e2e")
+    keys = store.list()
+    for step in (spe, 2 * spe):
+        assert f"checkpoint-{step:08d}/state.pt" in keys and f"checkpoint-{step:08d}/meta.json" in keys
+    assert {"config.yaml", "summary.json", "metrics.jsonl"} <= set(keys)
+    rows = read_metrics(store)
+    train_steps = [r["step"] for r in rows if r["kind"] == "train"]
+    assert train_steps == list(range(1, 2 * spe + 1))
+    evals = [r for r in rows if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [0, spe, 2 * spe] and all(0 <= r["knn_top1"] <= 100 for r in evals)
+    row = next(r for r in rows if r["kind"] == "train")
+    assert {"loss", "lr", "images_per_s", "workers", "epoch", "step", "bad_shards"} <= set(row)
+    assert row["workers"] == 2
+    state = torch.load(io.BytesIO(store.read(f"checkpoint-{2 * spe:08d}/state.pt")), weights_only=True)
+    assert state["step"] == 2 * spe and {"model", "optimizer", "torch_rng", "elapsed"} <= set(state)
+
+
+def test_rerun_resumes_at_the_exact_step_without_duplicated_metrics(finished_run):
+    data, summary, spe = finished_run
+    s2 = train(_cfg(data, "e2e", "schedule.epochs=3"), log=lambda *_: None)
+    assert s2["step"] == 3 * spe and s2["knn_first"] == summary["knn_first"]
+    rows = read_metrics(open_store(f"{ROOT}/e2e"))
+    assert [r["step"] for r in rows if r["kind"] == "train"] == list(range(1, 3 * spe + 1))
+    assert [r["step"] for r in rows if r["kind"] == "eval"] == [0, spe, 2 * spe, 3 * spe]
+
+
+def test_a_damaged_checkpoint_falls_back_to_the_one_before(finished_run, caplog):
+    data, summary, spe = finished_run
+    store = open_store(f"{ROOT}/e2e")
+    newest = sorted({k.split("/")[0] for k in store.list() if k.startswith("checkpoint-")})[-1]
+    store.write(f"{newest}/state.pt", b"not a checkpoint")
+    with caplog.at_level(logging.ERROR, logger="selfsup.train"):
+        state, name = read_checkpoint(f"{ROOT}/e2e", None)
+    assert name < newest and state["step"] < int(newest.split("-")[1])
+    assert f"{ROOT}/e2e/{newest} failed to load" in caplog.text
+    # The run continues from that earlier step; the replayed steps replace their old rows.
+    s3 = train(_cfg(data, "e2e", f"schedule.steps={4 * spe}"), log=lambda *_: None)
+    assert s3["step"] == 4 * spe
+    rows = read_metrics(store)
+    steps = [r["step"] for r in rows if r["kind"] == "train"]
+    assert steps == sorted(set(steps)) == list(range(1, 4 * spe + 1))
+
+
+def test_runs_and_eval_commands_read_the_run(finished_run, capsys):
+    assert main(["runs", "list", "--root", ROOT]) == 0
+    assert "e2e" in capsys.readouterr().out
+    assert main(["runs", "show", "e2e", "--root", ROOT, "--tail", "2"]) == 0
+    out = capsys.readouterr().out
+    assert '"status": "finished"' in out
+    assert main(["eval", "knn", "e2e", "--root", ROOT]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert 0 <= res["knn_top1"] <= 100 and res["checkpoint"].startswith("checkpoint-")
+    assert main(["eval", "linear", "e2e", "--root", ROOT, "--random-init"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["checkpoint"] == "random init" and {"linear_top1_1", "linear_top1_0.1", "linear_top1_0.01"} <= set(res)
+
+
+def test_dino_trains_end_to_end(ray_local, tiny_labeled):
+    data, _ = tiny_labeled
+    cfg = load_config(None, [
+        "method.name=dino", f"data.uri={data}", "data.batch_size=8", "data.views.global_view.size=16",
+        "data.views.local_view.size=8", "data.views.n_local=2", "model.name=resnet10t", "model.cifar_stem=false",
+        "method.out_dim=128", "method.hidden_dim=64", "method.bottleneck_dim=32", "schedule.steps=4",
+        "eval.train_samples=0", "eval.test_samples=0", "eval.k=5", f"storage.root={ROOT}", "storage.name=dino"])
+    s = train(cfg, log=lambda *_: None)
+    assert s["status"] == "finished" and s["step"] == 4
+    rows = read_metrics(open_store(f"{ROOT}/dino"))
+    last_eval = [r for r in rows if r["kind"] == "eval"][-1]
+    assert "knn_top1_teacher" in last_eval
+    assert all(r["teacher_temp"] > 0 for r in rows if r["kind"] == "train")
+
+
+def test_storage_unreachable_at_start_is_one_line_exit_2(tiny_labeled, monkeypatch, capsys):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    assert main(["train", "simclr_resnet18"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == "selfsup: error: cannot reach S3 endpoint http://127.0.0.1:9: connection failed (reading s3://selfsup/datasets/fashion-mnist/manifest.json)" or "cannot reach S3 endpoint http://127.0.0.1:9" in err
