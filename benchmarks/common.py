@@ -1,0 +1,57 @@
+"""Shared helpers for the benchmark scripts: a private S3 server and the RESULTS.md writer."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import re
+import shlex
+import sys
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
+
+
+@contextlib.contextmanager
+def private_s3():
+    """An embedded SeaweedFS in a temporary home, its endpoint exported for this process and Ray."""
+    from selfsup.pipelines.seaweed import EmbeddedS3
+
+    with tempfile.TemporaryDirectory(prefix="selfsup-bench-") as home:
+        server = EmbeddedS3(home)
+        ep = server.up()
+        old = {k: os.environ.get(k) for k in ep.env()}
+        os.environ.update(ep.env())
+        try:
+            yield ep
+        finally:
+            for k, v in old.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+            server.down()
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    with contextlib.suppress(OSError):
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return f"{os.cpu_count()} cores ({cpu}), Python {platform.python_version()}"
+
+
+def write_section(title: str, body: str) -> None:
+    """Replace (or add) the `## title` section of RESULTS.md, stamped with the command and date."""
+    cmd = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0]), *sys.argv[1:]])
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d")
+    section = f"## {title}\n\nCommand: `{cmd}` ({stamp}, {machine()})\n\n{body.strip()}\n"
+    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n\nEvery figure here comes from a script in this folder; each section names the command that made it.\n"
+    pattern = re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)
+    text = pattern.sub(section + "\n", text) if pattern.search(text) else text.rstrip() + "\n\n" + section
+    RESULTS.write_text(text)

@@ -1,0 +1,121 @@
+"""SimCLR and DINO on Fashion-MNIST after a fixed CPU training budget, judged by kNN, beside the
+same backbone at random init and raw pixels.
+
+Protocol: weighted kNN, k=20, T=0.07, cosine; memory = all 60,000 train images, queries = all
+10,000 test images; eval-mode BN. Training: `selfsup train` on a local Ray cluster (2 workers,
+data streamed from the embedded S3 server), ResNet-18 with a CIFAR stem at 28 px (the data's own
+resolution), bf16 autocast + channels_last, every schedule over the time budget.
+
+    python benchmarks/knn_budget.py                 # 15 minutes per method, writes RESULTS.md
+    python benchmarks/knn_budget.py --quick         # < 60 s of training, small eval, prints last
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import private_s3, write_section  # noqa: E402
+
+COMMON = ["model.name=resnet18", "model.cifar_stem=true", "data.batch_size=256", "scaling.num_workers=2",
+          "eval.every_epochs=null", "eval.at_start=false", "train.checkpoint_every_epochs=0.25"]
+SIMCLR = ["method.name=simclr", "data.views.view0.size=28", "data.views.view1.size=28",
+          "method.temperature=0.2", "optim.lr=0.002", "optim.warmup_fraction=0.1", "optim.weight_decay=0.0001"]
+DINO = ["method.name=dino", "data.views.global_view.size=28", "data.views.local_view.size=12",
+        "method.out_dim=1024", "method.momentum_teacher=0.99", "method.teacher_temp=0.07",
+        "method.warmup_teacher_temp=0.04", "method.warmup_teacher_temp_fraction=0.3",
+        "method.freeze_last_layer_fraction=0.02", "optim.lr=0.001", "optim.warmup_fraction=0.1",
+        "optim.weight_decay=0.04", "optim.weight_decay_end=0.4"]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--budget", type=float, default=900.0, help="training seconds per method")
+    args = ap.parse_args()
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    import resource
+
+    import torch
+
+    from selfsup.pipelines.sources import fashion_mnist
+    from selfsup.pipelines.shards import ShardOptions, write_shards
+    from selfsup.platform.config import load_config
+    from selfsup.platform.evaluate import evaluate_run, knn_top1, load_labeled, raw_pixel_features
+    from selfsup.platform.trainer import train
+
+    if args.quick:
+        return quick()
+    budget, n_train, n_test = args.budget, 0, 0
+    rows, t_all = [], time.time()
+    with private_s3():
+        data = "s3://bench/fashion-mnist"
+        write_shards(fashion_mnist(), data, ShardOptions(), progress=False, log=lambda *_: None)
+        runs = {}
+        for name, overrides in (("SimCLR", SIMCLR), ("DINO", DINO)):
+            cfg = load_config(None, [f"data.uri={data}", "storage.root=s3://bench/runs", f"storage.name={name.lower()}",
+                                     f"schedule.time_budget_s={budget}", *COMMON, *overrides,
+                                     "eval.train_samples=2000", "eval.test_samples=1000"])
+            t0 = time.time()
+            s = train(cfg, log=lambda *_: None)
+            run = f"s3://bench/runs/{name.lower()}"
+            last = [r for r in __import__("selfsup.platform.runs", fromlist=["x"]).read_metrics(
+                __import__("selfsup.pipelines.storage", fromlist=["x"]).open_store(run)) if r["kind"] == "train"][-1]
+            runs[name] = run
+            knn = evaluate_run(run, "knn", n_train, n_test)["knn_top1"]
+            row = {"name": name, "knn": knn, "steps": s["step"], "epochs": s["epoch"],
+                   "img_s": s["step"] * cfg.data.batch_size / last["elapsed_s"], "wall": time.time() - t0}
+            if name == "DINO":
+                row["knn_teacher"] = evaluate_run(run, "knn", n_train, n_test, teacher=True)["knn_top1"]
+            rows.append(row)
+            print(row, flush=True)
+        rand = evaluate_run(runs["SimCLR"], "knn", n_train, n_test, random_init=True)["knn_top1"]
+        tr, ty = load_labeled(data, "train", n_train)
+        te, tey = load_labeled(data, "test", n_test, seed=1)
+        raw = knn_top1(raw_pixel_features(tr), ty, raw_pixel_features(te), tey)
+    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+    lines = [f"| | kNN top-1 | steps (epochs) | images/s trained | wall time incl. start-up and eval |", "|---|---|---|---|---|"]
+    for r in rows:
+        extra = f" (teacher {r['knn_teacher']:.2f}%)" if "knn_teacher" in r else ""
+        lines.append(f"| {r['name']} | {r['knn']:.2f}%{extra} | {r['steps']} ({r['epochs']:.2f}) | {r['img_s']:.1f} | {r['wall']:.0f} s |")
+    lines.append(f"| same backbone, random init (timm init, seed 0) | {rand:.2f}% | | | |")
+    lines.append(f"| raw pixels | {raw:.2f}% | | | |")
+    write_section("kNN after a 15-minute CPU budget (issue 4c)", "\n".join(lines) + f"""
+
+Budget {budget:.0f} s of training per method; kNN k=20, T=0.07, cosine, memory = all 60,000 train
+images, queries = all 10,000 test images, eval-mode BN, 28 px inputs. Both: ResNet-18 (timm) with a
+CIFAR stem, batch 256 over 2 Ray Train workers, bf16 autocast + channels_last, AdamW, warm-up then
+cosine over the budget.
+SimCLR: 2 views at 28 px, temperature 0.2, lr 2e-3, weight decay 1e-4.
+DINO: 2 global crops at 28 px + 6 local at 12 px, 1024 prototypes, teacher momentum 0.99 -> 1,
+teacher temperature 0.04 -> 0.07 over the first 30%, last layer frozen for the first 2%, lr 1e-3,
+weight decay 0.04 -> 0.4.
+Driver peak RSS {peak_gb:.1f} GB; total {time.time() - t_all:.0f} s.""")
+    print(f"headline: SimCLR {rows[0]['knn']:.2f}%, DINO {rows[1]['knn']:.2f}%, random init {rand:.2f}%, raw pixels {raw:.2f}%")
+
+
+def quick():
+    """< 60 s: SimCLR for 5 s of training, kNN on small subsets before (random init) and after."""
+    from selfsup.pipelines.shards import ShardOptions, write_shards
+    from selfsup.pipelines.sources import Source, fashion_mnist
+    from selfsup.platform.config import load_config
+    from selfsup.platform.trainer import train
+
+    with private_s3():
+        fm = fashion_mnist()
+        src = Source(fm.name, fm.class_names, {"train": fm.splits["train"][:3000], "test": fm.splits["test"][:500]},
+                     fm.mode, fm.size, fm.fingerprint + "q", fm.encode)
+        write_shards(src, "s3://bench/fm-quick", ShardOptions(), progress=False, log=lambda *_: None)
+        cfg = load_config(None, ["data.uri=s3://bench/fm-quick", "storage.root=s3://bench/runs", "schedule.time_budget_s=5",
+                                 *COMMON, *SIMCLR, "eval.at_start=true", "eval.train_samples=500", "eval.test_samples=200",
+                                 "data.batch_size=64"])
+        s = train(cfg, log=lambda *_: None)
+    print(f"headline: SimCLR after 5 s: kNN {s['knn_last']:.2f}% (random init {s['knn_first']:.2f}%), 500/200 subsets")
+
+
+if __name__ == "__main__":
+    main()
