@@ -1,14 +1,11 @@
 """Losses against direct reference computations, and their distributed versions against one worker."""
 
 import math
-import os
-import socket
 
-import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
+
+from dist_utils import run_distributed
 
 from selfsup.methods.dino import DINOHead, dino_loss, updated_center
 from selfsup.methods.simclr import nt_xent
@@ -66,25 +63,14 @@ def test_dino_head_last_layer_has_unit_norm_rows():
     assert not head.last_layer.parametrizations.weight.original0.requires_grad
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank, world, port, z0, z1, queue):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        n = len(z0) // world
-        a = z0[rank * n:(rank + 1) * n].clone().requires_grad_()
-        b = z1[rank * n:(rank + 1) * n].clone().requires_grad_()
-        loss = nt_xent(a, b, 0.2)
-        loss.backward()
-        # DDP would average parameter gradients over workers: do the same to the inputs' gradients.
-        queue.put((rank, float(loss), a.grad / world, b.grad / world))
-    finally:
-        dist.destroy_process_group()
+def _worker(rank, world, z0, z1):
+    n = len(z0) // world
+    a = z0[rank * n:(rank + 1) * n].clone().requires_grad_()
+    b = z1[rank * n:(rank + 1) * n].clone().requires_grad_()
+    loss = nt_xent(a, b, 0.2)
+    loss.backward()
+    # DDP would average parameter gradients over workers: do the same to the inputs' gradients.
+    return rank, float(loss.detach()), a.grad / world, b.grad / world
 
 
 def test_nt_xent_two_gloo_workers_equal_one_worker_on_the_whole_batch():
@@ -94,16 +80,7 @@ def test_nt_xent_two_gloo_workers_equal_one_worker_on_the_whole_batch():
     whole = nt_xent(a, b, 0.2)
     whole.backward()
 
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, 2, port, z0, z1, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    results = sorted(queue.get(timeout=120) for _ in procs)
-    for p in procs:
-        p.join(60)
-        assert p.exitcode == 0
+    results = run_distributed(_worker, 2, z0, z1)
     mean_loss = sum(r[1] for r in results) / 2
     assert abs(mean_loss - float(whole.detach())) < 1e-5
     grad0 = torch.cat([r[2] for r in results])

@@ -9,7 +9,10 @@ A method is an `nn.Module` around a timm backbone that
 - updates its non-gradient state in `after_step(progress)` (EMA teachers, momentum schedules),
   and its schedules in `before_step(progress)`; `progress` is the fraction of the run done, in
   [0, 1], so schedules follow the steps the run will really take, budgeted or not,
-- keeps the backbone at `self.backbone`: evaluation reads features from it.
+- keeps the backbone at `self.backbone`: evaluation reads features from it,
+- may size itself to the data (`num_samples`: the train split's size, for queues and memory
+  banks) and act at epoch starts (`start_epoch`, e.g. DeepCluster's k-means),
+- reports a collapse probe (`collapse_probe`) of its embeddings with its metrics.
 """
 
 from __future__ import annotations
@@ -30,11 +33,12 @@ class Method(nn.Module):
     view_kind: ClassVar[str]
     Params: ClassVar[type[Params]] = Params
 
-    def __init__(self, backbone: nn.Module, feat_dim: int, params: Params):
+    def __init__(self, backbone: nn.Module, feat_dim: int, params: Params, num_samples: int | None = None):
         super().__init__()
         self.backbone = backbone
         self.feat_dim = feat_dim
         self.params = params
+        self.num_samples = num_samples
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -48,6 +52,9 @@ class Method(nn.Module):
     def after_step(self, progress: float) -> None:
         """Update non-gradient state after the optimizer step (EMA teachers, queues)."""
 
+    def start_epoch(self, epoch: int) -> None:
+        """Called before the first step of each epoch (also the first epoch after a resume)."""
+
     def student_parameters(self):
         """What the optimizer trains (the default: every parameter that requires grad)."""
         return [p for p in self.parameters() if p.requires_grad]
@@ -57,6 +64,19 @@ def cosine(start: float, end: float, progress: float) -> float:
     """Cosine from `start` at progress 0 to `end` at progress 1."""
     p = min(max(progress, 0.0), 1.0)
     return end + (start - end) * 0.5 * (1 + math.cos(math.pi * p))
+
+
+@torch.no_grad()
+def collapse_probe(z: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Two signs of collapse of embeddings z (B, D): `embed_std`, the mean per-dimension std of the
+    L2-normalised embeddings (0 when collapsed; about 1/sqrt(D) when spread), and `embed_rank`, the
+    effective rank (exp of the entropy of the normalised singular values; 1 when collapsed)."""
+    z = torch.nn.functional.normalize(z.detach().float(), dim=1)
+    std = z.std(0).mean()
+    s = torch.linalg.svdvals(z - z.mean(0))
+    p = s / s.sum().clamp_min(1e-12)
+    rank = torch.exp(-(p * p.clamp_min(1e-12).log()).sum())
+    return {"embed_std": std, "embed_rank": rank}
 
 
 @torch.no_grad()

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from selfsup.methods.base import Method, Params, cosine, ema_update
+from selfsup.methods.base import Method, Params, collapse_probe, cosine, ema_update
 from selfsup.methods.dist import world
 
 
@@ -92,8 +92,8 @@ class DINO(Method):
     view_kind = "multi_crop"
     Params = DINOParams
 
-    def __init__(self, backbone, feat_dim, params: DINOParams):
-        super().__init__(backbone, feat_dim, params)
+    def __init__(self, backbone, feat_dim, params: DINOParams, num_samples=None):
+        super().__init__(backbone, feat_dim, params, num_samples)
         self.head = DINOHead(feat_dim, params.out_dim, params.hidden_dim, params.bottleneck_dim,
                              norm_last_layer=params.norm_last_layer)
         self.teacher_backbone = copy.deepcopy(backbone)
@@ -118,7 +118,8 @@ class DINO(Method):
             self.teacher_backbone.train(self.training)
             t = self.teacher_head(self.teacher_backbone(torch.cat(globals_))).chunk(len(globals_))
         # Student: one pass per resolution (crops of one size batch together).
-        s = list(self.head(self.backbone(torch.cat(globals_))).chunk(len(globals_)))
+        feats = self.backbone(torch.cat(globals_))
+        s = list(self.head(feats).chunk(len(globals_)))
         if locals_:
             s += list(self.head(self.backbone(torch.cat(locals_))).chunk(len(locals_)))
         loss = dino_loss(s, list(t), self.center, self.params.student_temp, self.teacher_temp)
@@ -127,7 +128,7 @@ class DINO(Method):
             probs = F.softmax((t[0].float() - self.center) / self.teacher_temp, dim=-1)
             entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1).mean()
         return {"loss": loss, "teacher_entropy": entropy, "teacher_temp": self.teacher_temp,
-                "momentum": self.momentum}
+                "momentum": self.momentum, **collapse_probe(feats)}
 
     def after_backward(self, progress):
         if progress < self.params.freeze_last_layer_fraction:

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from selfsup.methods.backbones import mlp
-from selfsup.methods.base import Method, Params
+from selfsup.methods.base import Method, Params, collapse_probe
 from selfsup.methods.dist import gather_with_grad, world
 
 
@@ -43,13 +43,12 @@ class SimCLR(Method):
     view_kind = "two_views"
     Params = SimCLRParams
 
-    def __init__(self, backbone, feat_dim, params: SimCLRParams):
-        super().__init__(backbone, feat_dim, params)
+    def __init__(self, backbone, feat_dim, params: SimCLRParams, num_samples=None):
+        super().__init__(backbone, feat_dim, params, num_samples)
         self.projector = mlp([feat_dim, params.proj_hidden_dim, params.proj_dim])
 
     def forward(self, batch):
         x = torch.cat([batch["view0"], batch["view1"]])  # one backbone pass: BN sees both views
         z = self.projector(self.backbone(x))
         z0, z1 = z.chunk(2)
-        loss = nt_xent(z0, z1, self.params.temperature)
-        return {"loss": loss}
+        return {"loss": nt_xent(z0, z1, self.params.temperature), **collapse_probe(z0)}

@@ -71,8 +71,8 @@ def _methods_list(args) -> int:
     from selfsup.methods import METHODS
 
     for name, cls in METHODS.items():
-        doc = (cls.__module__ and sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0]
-        print(f"{name:14} views={cls.view_kind:11} {doc}")
+        doc = " ".join((sys.modules[cls.__module__].__doc__ or "").split("\n\n")[0].split())
+        print(f"{name:14} views={cls.view_kind:11} {doc.split('. ')[0].rstrip('.')}.")
     return 0
 
 

@@ -20,10 +20,12 @@ from selfsup.pipelines.views import to_model_input
 from selfsup.platform.config import Config
 
 
-def build_method(cfg: Config) -> Method:
+def build_method(cfg: Config, num_samples: int | None = None) -> Method:
+    """The configured method around its timm backbone; `num_samples` (the train split's size)
+    sizes queues and memory banks."""
     backbone, dim = build_backbone(cfg.model.name, cfg.model.cifar_stem, cfg.model.in_chans, **cfg.model.kwargs)
     cls = METHODS[cfg.method.name]
-    return cls(backbone, dim, cls.Params(**cfg.method_params()))
+    return cls(backbone, dim, cls.Params(**cfg.method_params()), num_samples=num_samples)
 
 
 def cpu_has_bf16() -> bool:

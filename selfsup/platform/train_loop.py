@@ -116,7 +116,7 @@ def train_func(config: dict) -> None:
     torch.manual_seed(cfg.data.seed + rank)
 
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # not a line per report
-    method = build_method(cfg).to(device)
+    method = build_method(cfg, n_train).to(device)
     step_fn = TrainStep(method, cfg, device)  # sets the memory format: before DDP builds its buckets
     if world > 1:
         step_fn.model = torch.nn.parallel.DistributedDataParallel(
@@ -163,6 +163,7 @@ def train_func(config: dict) -> None:
     while not progress.done(step, elapsed):
         epoch_end = (step // steps_per_epoch + 1) * steps_per_epoch
         pass_start = step
+        method.start_epoch(step // steps_per_epoch)
         for batch in shard.iter_torch_batches(batch_size=local_bs, drop_last=True,
                                               prefetch_batches=cfg.data.prefetch_batches):
             t0 = time.perf_counter()
