@@ -1,0 +1,141 @@
+"""Every registered method on Fashion-MNIST under one fixed CPU budget each: kNN top-1 (k=20,
+T=0.07, cosine, memory = all 60,000 train images, queries = all 10,000 test images), images/s,
+peak memory, the final collapse probe; beside the same backbone at random init and raw pixels.
+
+Each method trains in its own process with the Ray-free TrainStep (the platform's own step;
+benchmarks/ray_overhead.py measures what Ray Train adds) on its shipped `<method>_resnet18`
+config at 28 px, views built by the pipeline's batched augmentations from the decoded images.
+
+    python benchmarks/methods.py --budget 300        # seconds of training per method; writes RESULTS.md
+    python benchmarks/methods.py --quick             # one step of every method, `N/M methods ok` last
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import write_section  # noqa: E402
+
+SIZES = {"two_views": ["data.views.view0.size=28", "data.views.view1.size=28"],
+         "multi_crop": ["data.views.global_view.size=28", "data.views.local_view.size=12"]}
+
+
+def fashion(split: str):
+    import gzip
+
+    import numpy as np
+    import torch
+
+    from selfsup.pipelines.sources import FASHION_MNIST_DIR
+
+    p = "train" if split == "train" else "t10k"
+    with gzip.open(FASHION_MNIST_DIR / f"{p}-images-idx3-ubyte.gz") as f:
+        x = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 1, 28, 28)
+    with gzip.open(FASHION_MNIST_DIR / f"{p}-labels-idx1-ubyte.gz") as f:
+        y = np.frombuffer(f.read(), np.uint8, offset=8)
+    return list(torch.from_numpy(x.copy())), torch.from_numpy(y.astype("int64"))
+
+
+def run_one(method: str, budget: float, steps: int | None, batch: int) -> dict:
+    """In a subprocess: train `method` for `budget` seconds (or `steps`), then evaluate."""
+    import torch
+
+    from selfsup.methods import METHODS
+    from selfsup.pipelines.views import make_views
+    from selfsup.platform.config import load_config
+    from selfsup.platform.evaluate import extract_features, knn_top1
+    from selfsup.platform.step import Progress, TrainStep, build_method
+
+    torch.manual_seed(0)
+    kind = METHODS[method].view_kind
+    length = f"schedule.steps={steps}" if steps else f"schedule.time_budget_s={budget}"
+    cfg = load_config(f"{method}_resnet18", [length, f"data.batch_size={batch}", *SIZES[kind]])
+    images, labels = fashion("train")
+    m = build_method(cfg, num_samples=len(images))
+    step = TrainStep(m, cfg, torch.device("cpu"))
+    progress = Progress(cfg, steps_per_epoch=len(images) // batch)
+    g = torch.Generator().manual_seed(0)
+    n, elapsed, out = 0, 0.0, {}
+    m.start_epoch(0)
+    while not progress.done(n, elapsed):
+        idx = torch.randint(0, len(images), (batch,), generator=g)
+        t0 = time.perf_counter()
+        views = make_views([images[i] for i in idx], cfg.data.views, g)
+        views["index"] = idx
+        out = step(views, progress(n, elapsed))
+        elapsed += time.perf_counter() - t0
+        n += 1
+        if n % (len(images) // batch) == 0:
+            m.start_epoch(n // (len(images) // batch))
+    res = {"method": method, "steps": n, "images_per_s": n * batch / elapsed, "loss": out["loss"],
+           "embed_std": out["embed_std"], "embed_rank": out["embed_rank"]}
+    res["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # training's peak
+    if steps:  # --quick: training only
+        return res
+    test, test_y = fashion("test")
+    f = [extract_features(m.backbone, imgs, 28, cfg.data.mean, cfg.data.std, dtype=step.dtype) for imgs in (images, test)]
+    res["knn_top1"] = knn_top1(f[0], labels, f[1], test_y)
+    torch.manual_seed(0)
+    rand = build_method(cfg, num_samples=len(images)).backbone
+    f = [extract_features(rand, imgs, 28, cfg.data.mean, cfg.data.std, dtype=step.dtype) for imgs in (images, test)]
+    res["knn_random_init"] = knn_top1(f[0], labels, f[1], test_y)
+    return res
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--budget", type=float, default=300.0)
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--only", nargs="*", help="a subset of methods")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(run_one(args.child, args.budget, 1 if args.quick else None, 32 if args.quick else args.batch)))
+        return
+
+    from selfsup.methods import METHODS
+
+    names = args.only or list(METHODS)
+    rows, ok = [], 0
+    for name in names:
+        cmd = [sys.executable, __file__, "--child", name, "--budget", str(args.budget), "--batch", str(args.batch)]
+        cmd += ["--quick"] if args.quick else []
+        t0 = time.time()
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0:
+            print(f"{name}: FAILED\n{r.stderr[-3000:]}", flush=True)
+            continue
+        res = json.loads(r.stdout.strip().splitlines()[-1])
+        res["wall_s"] = time.time() - t0
+        rows.append(res)
+        ok += 1
+        print(json.dumps(res), flush=True)
+    if not args.quick and rows:
+        from selfsup.platform.evaluate import knn_top1, raw_pixel_features
+
+        tr, ty = fashion("train")
+        te, tey = fashion("test")
+        raw = knn_top1(raw_pixel_features(tr), ty, raw_pixel_features(te), tey)
+        lines = ["| method | kNN top-1 | random init (same backbone, seed) | images/s | steps | peak RSS | embed std | eff. rank |",
+                 "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['method']} | {r['knn_top1']:.2f}% | {r['knn_random_init']:.2f}% | {r['images_per_s']:.1f} | "
+                  f"{r['steps']} | {r['peak_rss_gb']:.1f} GB | {r['embed_std']:.3f} | {r['embed_rank']:.1f} |" for r in rows]
+        lines.append(f"| raw pixels | {raw:.2f}% | | | | | | |")
+        write_section("Methods under a fixed CPU budget (issue 5)", "\n".join(lines) + f"""
+
+{args.budget:.0f} s of training per method (Ray-free TrainStep, 2 threads, bf16 autocast + channels_last),
+batch {args.batch}, the shipped `<method>_resnet18` config at 28 px (local crops 12 px); kNN on
+all 60,000 / 10,000 images. Peak RSS: the training process's, before evaluation.""")
+    print(f"{ok}/{len(names)} methods ok")
+
+
+if __name__ == "__main__":
+    main()
