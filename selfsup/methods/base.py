@@ -79,6 +79,16 @@ def collapse_probe(z: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"embed_std": std, "embed_rank": rank}
 
 
+def frozen_copy(module: nn.Module) -> nn.Module:
+    """A copy that takes no gradient: the start of an EMA teacher, target or key encoder."""
+    import copy
+
+    twin = copy.deepcopy(module)
+    for p in twin.parameters():
+        p.requires_grad = False
+    return twin
+
+
 @torch.no_grad()
 def ema_update(target: nn.Module, online: nn.Module, momentum: float) -> None:
     for t, o in zip(target.parameters(), online.parameters()):

@@ -4,14 +4,12 @@ target prevent collapse. Default views: blur always on view0, rarely on view1, s
 
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.nn.functional as F
 from pydantic import Field
 
 from selfsup.methods.backbones import mlp
-from selfsup.methods.base import Method, Params, collapse_probe, cosine, ema_update
+from selfsup.methods.base import Method, Params, collapse_probe, cosine, ema_update, frozen_copy
 
 
 def regression_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -35,9 +33,7 @@ class BYOL(Method):
         p = params
         self.projector = mlp([feat_dim, p.proj_hidden_dim, p.proj_dim])
         self.predictor = mlp([p.proj_dim, p.pred_hidden_dim, p.proj_dim])
-        self.target_backbone, self.target_projector = copy.deepcopy(backbone), copy.deepcopy(self.projector)
-        for q in [*self.target_backbone.parameters(), *self.target_projector.parameters()]:
-            q.requires_grad = False
+        self.target_backbone, self.target_projector = frozen_copy(backbone), frozen_copy(self.projector)
         self.momentum = p.momentum
 
     def before_step(self, progress):

@@ -8,14 +8,12 @@ early in the run. Every schedule is over the run's progress (0..1), not over epo
 
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from selfsup.methods.base import Method, Params, collapse_probe, cosine, ema_update
+from selfsup.methods.base import Method, Params, collapse_probe, cosine, ema_update, frozen_copy
 from selfsup.methods.dist import world
 
 
@@ -96,10 +94,7 @@ class DINO(Method):
         super().__init__(backbone, feat_dim, params, num_samples)
         self.head = DINOHead(feat_dim, params.out_dim, params.hidden_dim, params.bottleneck_dim,
                              norm_last_layer=params.norm_last_layer)
-        self.teacher_backbone = copy.deepcopy(backbone)
-        self.teacher_head = copy.deepcopy(self.head)
-        for p in [*self.teacher_backbone.parameters(), *self.teacher_head.parameters()]:
-            p.requires_grad = False
+        self.teacher_backbone, self.teacher_head = frozen_copy(backbone), frozen_copy(self.head)
         self.register_buffer("center", torch.zeros(1, params.out_dim))
         self.teacher_temp = params.warmup_teacher_temp
         self.momentum = params.momentum_teacher

@@ -7,15 +7,13 @@ the batch is still split into `shuffle_groups` groups, as on that many GPUs.
 
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
 from selfsup.methods.backbones import mlp
-from selfsup.methods.base import Method, Params, collapse_probe, cosine, ema_update
+from selfsup.methods.base import Method, Params, collapse_probe, cosine, ema_update, frozen_copy
 from selfsup.methods.dist import gather, world
 
 
@@ -59,9 +57,7 @@ class MoCoV2(Method):
     def __init__(self, backbone, feat_dim, params: MoCoV2Params, num_samples=None):
         super().__init__(backbone, feat_dim, params, num_samples)
         self.projector = mlp([feat_dim, params.proj_hidden_dim, params.proj_dim], bn=False)
-        self.key_backbone, self.key_projector = copy.deepcopy(backbone), copy.deepcopy(self.projector)
-        for p in [*self.key_backbone.parameters(), *self.key_projector.parameters()]:
-            p.requires_grad = False
+        self.key_backbone, self.key_projector = frozen_copy(backbone), frozen_copy(self.projector)
         size = params.queue_size or min(65536, max(256, (num_samples or 65536) // 4))
         self.register_buffer("queue", F.normalize(torch.randn(size, params.proj_dim), dim=1))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))

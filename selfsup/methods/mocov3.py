@@ -4,14 +4,12 @@ ViTs (temperature 0.2); ResNets used 1.0 in the paper."""
 
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.nn.functional as F
 from pydantic import Field
 
 from selfsup.methods.backbones import mlp
-from selfsup.methods.base import Method, Params, collapse_probe, cosine, ema_update
+from selfsup.methods.base import Method, Params, collapse_probe, cosine, ema_update, frozen_copy
 from selfsup.methods.dist import gather, world
 
 
@@ -42,9 +40,7 @@ class MoCoV3(Method):
         p = params
         self.projector = mlp([feat_dim, p.proj_hidden_dim, p.proj_hidden_dim, p.proj_dim], last_bn=True)
         self.predictor = mlp([p.proj_dim, p.pred_hidden_dim, p.proj_dim], last_bn=True)
-        self.momentum_backbone, self.momentum_projector = copy.deepcopy(backbone), copy.deepcopy(self.projector)
-        for q in [*self.momentum_backbone.parameters(), *self.momentum_projector.parameters()]:
-            q.requires_grad = False
+        self.momentum_backbone, self.momentum_projector = frozen_copy(backbone), frozen_copy(self.projector)
         self.momentum = p.momentum
 
     def before_step(self, progress):
