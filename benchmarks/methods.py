@@ -4,7 +4,7 @@ peak memory, the final collapse probe; beside the same backbone at random init a
 
 Each method trains in its own process with the Ray-free TrainStep (the platform's own step;
 benchmarks/ray_overhead.py measures what Ray Train adds) on its shipped `<method>_resnet18`
-config at 28 px, views built by the pipeline's batched augmentations from the decoded images.
+config (`<method>_vit_tiny` for the masked-image methods) at 28 px, views built by the pipeline's batched augmentations from the decoded images.
 
     python benchmarks/methods.py --budget 300        # seconds of training per method; writes RESULTS.md
     python benchmarks/methods.py --quick             # one step of every method, `N/M methods ok` last
@@ -24,7 +24,15 @@ sys.path.insert(0, os.path.dirname(__file__))
 from common import write_section  # noqa: E402
 
 SIZES = {"two_views": ["data.views.view0.size=28", "data.views.view1.size=28"],
-         "multi_crop": ["data.views.global_view.size=28", "data.views.local_view.size=12"]}
+         "multi_crop": ["data.views.global_view.size=28", "data.views.local_view.size=12"],
+         "masked": ["data.views.view.size=28", "model.kwargs={img_size: 28, patch_size: 4}"]}
+
+
+def config_name(method: str) -> str:
+    """The shipped ResNet-18 config, or ViT-tiny for the masked-image methods (they need a ViT)."""
+    from selfsup.platform.config import shipped_configs
+
+    return f"{method}_resnet18" if f"{method}_resnet18" in shipped_configs() else f"{method}_vit_tiny"
 
 
 def fashion(split: str):
@@ -56,9 +64,19 @@ def run_one(method: str, budget: float, steps: int | None, batch: int) -> dict:
     torch.manual_seed(0)
     kind = METHODS[method].view_kind
     length = f"schedule.steps={steps}" if steps else f"schedule.time_budget_s={budget}"
-    cfg = load_config(f"{method}_resnet18", [length, f"data.batch_size={batch}", *SIZES[kind]])
+    cfg = load_config(config_name(method), [length, f"data.batch_size={batch}", *SIZES[kind]])
     images, labels = fashion("train")
     m = build_method(cfg, num_samples=len(images))
+    if hasattr(m, "load_tokenizer"):  # BEiT: visual words fitted on the train images, as the platform does
+        import io
+
+        from selfsup.methods.beit import fit_codebook
+        from selfsup.pipelines.views import Plain, to_model_input
+
+        x = to_model_input(make_views(images[:5000], Plain(size=28), torch.Generator()), cfg.data.mean, cfg.data.std)
+        buf = io.BytesIO()
+        torch.save(fit_codebook(x["image"], m.patch, cfg.method_params()["vocab_size"]), buf)
+        m.load_tokenizer(buf.getvalue())
     step = TrainStep(m, cfg, torch.device("cpu"))
     progress = Progress(cfg, steps_per_epoch=len(images) // batch)
     g = torch.Generator().manual_seed(0)
@@ -132,7 +150,8 @@ def main():
         write_section("Methods under a fixed CPU budget (issue 5)", "\n".join(lines) + f"""
 
 {args.budget:.0f} s of training per method (Ray-free TrainStep, 2 threads, bf16 autocast + channels_last),
-batch {args.batch}, the shipped `<method>_resnet18` config at 28 px (local crops 12 px); kNN on
+batch {args.batch}, the shipped `<method>_resnet18` config (`_vit_tiny`, patch 4, for MAE, SimMIM, BEiT,
+MaskFeat, I-JEPA) at 28 px (local crops 12 px); kNN on
 all 60,000 / 10,000 images. Peak RSS: the training process's, before evaluation.""")
     print(f"{ok}/{len(names)} methods ok")
 

@@ -14,7 +14,7 @@ from selfsup.methods import METHODS
 from selfsup.methods.barlowtwins import barlow_twins_loss
 from selfsup.methods.base import collapse_probe
 from selfsup.methods.byol import regression_loss
-from selfsup.methods.deepclusterv2 import spherical_kmeans
+from selfsup.methods.clustering import spherical_kmeans
 from selfsup.methods.mocov2 import MoCoV2, info_nce, shuffled_forward
 from selfsup.methods.mocov3 import contrastive
 from selfsup.methods.simsiam import negative_cosine
@@ -189,11 +189,17 @@ def test_dino_center_two_workers_equal_one():
 # ---------------------------------------------------------------- update rules
 
 def _tiny(method, *extra):
+    kind = METHODS[method].view_kind
     views = {"two_views": ["data.views.view0.size=16", "data.views.view1.size=16"],
-             "multi_crop": ["data.views.global_view.size=16", "data.views.local_view.size=8", "data.views.n_local=2"]}
-    cfg = load_config(None, [f"method.name={method}", "model.name=resnet10t", "model.cifar_stem=false",
-                             "data.batch_size=32", "schedule.steps=6", "optim.warmup_fraction=0",
-                             *views[METHODS[method].view_kind], *extra])
+             "multi_crop": ["data.views.global_view.size=16", "data.views.local_view.size=8", "data.views.n_local=2"],
+             "masked": ["data.views.view.size=16", "data.views.patch_size=4",
+                        {"beit": "data.views.strategy=blockwise", "maskfeat": "data.views.strategy=blockwise",
+                         "ijepa": "data.views.strategy=multiblock"}.get(method, "data.views.strategy=random")]}
+    model = (["model.name=vit_tiny_patch16_224", "model.cifar_stem=false",
+              "model.kwargs={img_size: 16, patch_size: 4, depth: 2}"] if kind == "masked" else
+             ["model.name=resnet10t", "model.cifar_stem=false"])
+    cfg = load_config(None, [f"method.name={method}", *model, "data.batch_size=32", "schedule.steps=6",
+                             "optim.warmup_fraction=0", *views[kind], *extra])
     return cfg
 
 
@@ -260,11 +266,23 @@ def test_short_run_on_real_images_has_no_nan_and_no_collapse(method):
     torch.manual_seed(0)
     extra = {"swav": ["method.n_prototypes=64", "method.queue_length=64", "method.queue_start_fraction=0.3"],
              "deepclusterv2": ["method.n_prototypes=[8,12]", "method.recluster_every_steps=2"],
-             "dino": ["method.out_dim=256"], "mocov2": ["method.queue_size=64"]}.get(method, [])
+             "dino": ["method.out_dim=256"], "mocov2": ["method.queue_size=64"], "beit": ["method.vocab_size=16"],
+             "mae": ["method.decoder_dim=32", "method.decoder_depth=1"], "ijepa": ["method.pred_dim=24", "method.pred_depth=1"]
+             }.get(method, [])
     cfg = _tiny(method, *extra)
     m = build_method(cfg, num_samples=32)
-    step = TrainStep(m, cfg, torch.device("cpu"))
     images = _fashion_sample(32)
+    if method == "beit":
+        import io
+
+        from selfsup.methods.beit import fit_codebook
+        from selfsup.pipelines.views import Plain, to_model_input
+
+        x = to_model_input(make_views(images, Plain(size=16), G), cfg.data.mean, cfg.data.std)["image"]
+        buf = io.BytesIO()
+        torch.save(fit_codebook(x, 4, 16), buf)
+        m.load_tokenizer(buf.getvalue())
+    step = TrainStep(m, cfg, torch.device("cpu"))
     m.start_epoch(0)
     outs = []
     for i in range(6):

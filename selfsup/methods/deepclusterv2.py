@@ -15,19 +15,8 @@ from pydantic import Field
 
 from selfsup.methods.backbones import mlp
 from selfsup.methods.base import Method, Params, collapse_probe
+from selfsup.methods.clustering import spherical_kmeans
 from selfsup.methods.dist import world
-
-
-@torch.no_grad()
-def spherical_kmeans(x: torch.Tensor, k: int, iters: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """(centroids (k, D) unit norm, assignment (N,)) of unit-norm x by cosine k-means."""
-    c = x[torch.randperm(len(x), generator=g)[:k]].clone()
-    for _ in range(iters):
-        assign = (x @ c.T).argmax(1)
-        sums = torch.zeros_like(c).index_add_(0, assign, x)
-        counts = torch.bincount(assign, minlength=len(c))
-        c = torch.where(counts[:, None] > 0, F.normalize(sums, dim=1), c)  # an empty cluster keeps its centroid
-    return c, (x @ c.T).argmax(1)
 
 
 class DeepClusterV2Params(Params):

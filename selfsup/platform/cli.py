@@ -124,6 +124,19 @@ def _data_preview(args) -> int:
     return 0
 
 
+def _tokenizer_fit(args) -> int:
+    from selfsup.pipelines.storage import is_s3, resolve_endpoint
+    from selfsup.platform.config import load_config
+    from selfsup.platform.tokenizer import fit_tokenizer
+
+    cfg = load_config(args.config, args.overrides)
+    if cfg.method.name != "beit":
+        raise UsageError(f"tokenizer fit is for method beit; {args.config} trains {cfg.method.name!r}")
+    ep = resolve_endpoint() if is_s3(cfg.data.uri) or is_s3(args.out) else None
+    fit_tokenizer(cfg, args.out, ep)
+    return 0
+
+
 def _demo(args) -> int:
     from selfsup.platform.demo import run_demo
 
@@ -210,6 +223,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="views.png")
     s.add_argument("--samples", type=int, default=8)
     s.set_defaults(func=_data_preview)
+
+    s = sub.add_parser("tokenizer", help="fit BEiT's visual tokenizer (k-means visual words) over the shards",
+                       description="Fit k-means visual words over per-patch normalised pixels of CONFIG's train split "
+                                   "(method.vocab_size words, method.tokenizer_samples images) and write the tokenizer "
+                                   "file to --out; point a BEiT run at it with method.tokenizer=URI.")
+    s.add_argument("action", choices=["fit"])
+    s.add_argument("config")
+    s.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    s.add_argument("--out", required=True, help="s3://... or a path, e.g. s3://selfsup/tokenizers/fmnist-512.pt")
+    s.set_defaults(func=_tokenizer_fit)
 
     s = sub.add_parser("demo", help="the whole job on the embedded defaults (what `make demo` runs)",
                        description="Start the embedded S3 server, shard Fashion-MNIST into it if absent, train the "

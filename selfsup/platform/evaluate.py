@@ -131,7 +131,7 @@ def evaluate_run(run_uri: str, kind: str, train_samples: int = 0, test_samples: 
         raise FileNotFoundError(f"{store.url(CONFIG)} not found: is {run_uri} a selfsup run?") from None
     torch.manual_seed(cfg.data.seed)
     n_train = load_manifest(cfg.data.uri, ep)["splits"][cfg.data.train_split]["num_samples"]
-    method = build_method(cfg, n_train)
+    method = build_method(cfg, n_train, ep)
     used = "random init"
     if not random_init:
         state, used = read_checkpoint(run_uri, ep, checkpoint)

@@ -20,12 +20,18 @@ from selfsup.pipelines.views import to_model_input
 from selfsup.platform.config import Config
 
 
-def build_method(cfg: Config, num_samples: int | None = None) -> Method:
+def build_method(cfg: Config, num_samples: int | None = None, ep=None) -> Method:
     """The configured method around its timm backbone; `num_samples` (the train split's size)
-    sizes queues and memory banks."""
+    sizes queues and memory banks; a method with a tokenizer file (BEiT) gets it loaded."""
     backbone, dim = build_backbone(cfg.model.name, cfg.model.cifar_stem, cfg.model.in_chans, **cfg.model.kwargs)
     cls = METHODS[cfg.method.name]
-    return cls(backbone, dim, cls.Params(**cfg.method_params()), num_samples=num_samples)
+    method = cls(backbone, dim, cls.Params(**cfg.method_params()), num_samples=num_samples)
+    tokenizer = cfg.method_params().get("tokenizer")
+    if tokenizer and hasattr(method, "load_tokenizer"):
+        from selfsup.platform.tokenizer import read_uri
+
+        method.load_tokenizer(read_uri(tokenizer, ep), name=tokenizer)
+    return method
 
 
 def cpu_has_bf16() -> bool:

@@ -116,7 +116,7 @@ def train_func(config: dict) -> None:
     torch.manual_seed(cfg.data.seed + rank)
 
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # not a line per report
-    method = build_method(cfg, n_train).to(device)
+    method = build_method(cfg, n_train, ep).to(device)
     step_fn = TrainStep(method, cfg, device)  # sets the memory format: before DDP builds its buckets
     if world > 1:
         step_fn.model = torch.nn.parallel.DistributedDataParallel(

@@ -14,7 +14,9 @@ from datetime import datetime, timezone
 
 from selfsup.pipelines.shards import load_manifest
 from selfsup.pipelines.storage import Endpoint, fs_and_path, is_s3, join, open_store, resolve_endpoint
-from selfsup.platform.config import Config, to_yaml
+from selfsup.methods import METHODS
+from selfsup.platform.config import Config, to_yaml, validate
+from selfsup.platform.tokenizer import fit_tokenizer
 from selfsup.platform.runs import CONFIG, SUMMARY, MetricsLog, now, read_metrics, read_summary, summarise
 
 
@@ -57,6 +59,11 @@ def train(cfg: Config, log=print) -> dict:
     name = run_name(cfg)
     run_uri = join(cfg.storage.root, name)
     store = open_store(run_uri, ep, create=True)
+    if "tokenizer" in METHODS[cfg.method.name].Params.model_fields and not cfg.method_params().get("tokenizer"):
+        # BEiT without a tokenizer: the run's own, fitted once and kept beside the run
+        if not store.exists("tokenizer.pt"):
+            fit_tokenizer(cfg, join(run_uri, "tokenizer.pt"), ep, log)
+        cfg = validate({**cfg.model_dump(mode="json"), "method": {**cfg.method.model_dump(), "tokenizer": join(run_uri, "tokenizer.pt")}})
     previous = read_summary(store)
     store.write(CONFIG, to_yaml(cfg).encode())
     started = time.time()

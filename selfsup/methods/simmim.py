@@ -1,0 +1,29 @@
+"""SimMIM (Xie et al., 2022): masked patches are replaced by a learned mask token, the encoder
+sees every position, a linear head predicts the raw pixels, L1 loss on the masked patches."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from selfsup.methods.base import Method, Params, collapse_probe
+from selfsup.methods.vit import MaskedViT, patchify
+
+
+class SimMIM(Method):
+    view_kind = "masked"
+    Params = Params  # none of its own: the mask ratio and patch size live in the view config
+
+    def __init__(self, backbone, feat_dim, params: Params, num_samples=None):
+        super().__init__(backbone, feat_dim, params, num_samples)
+        self.encoder = MaskedViT(backbone)
+        self.patch = self.encoder.patch_size
+        self.head = nn.Linear(feat_dim, self.patch ** 2 * backbone.patch_embed.proj.in_channels)
+
+    def forward(self, batch):
+        img, mask = batch["image"], batch["mask"]
+        tokens = self.encoder.with_mask_tokens(img, mask)
+        pred = self.head(tokens)
+        per_patch = (pred.float() - patchify(img, self.patch).float()).abs().mean(-1)
+        m = mask.float()
+        return {"loss": (per_patch * m).sum() / m.sum(), **collapse_probe(tokens.mean(1))}

@@ -1,0 +1,159 @@
+"""Masked image modeling: the ViT wrapper (token dropping, mask tokens, attention maps), reference
+losses, HOG, the BEiT tokenizer from the shards, MAE's reconstruction function."""
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from selfsup.methods.backbones import build_backbone
+from selfsup.methods.beit import BEiT, BEiTParams, fit_codebook, normalised_patches
+from selfsup.methods.ijepa import block_indices
+from selfsup.methods.mae import MAE, MAEParams, masked_patch_loss, visible_indices
+from selfsup.methods.maskfeat import hog
+from selfsup.methods.vit import MaskedViT, patchify, unpatchify
+
+G = torch.Generator().manual_seed(0)
+
+
+def vit(depth=2):
+    torch.manual_seed(0)
+    return build_backbone("vit_tiny_patch16_224", img_size=16, patch_size=4, depth=depth)
+
+
+def test_patchify_round_trip_and_order():
+    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float).view(2, 3, 8, 8)
+    p = patchify(x, 4)
+    assert p.shape == (2, 4, 48)
+    assert torch.equal(p[0, 1].view(4, 4, 3)[..., 0], x[0, 0, 0:4, 4:8])  # patch 1: top row, second column
+    assert torch.equal(unpatchify(p, 4, 3), x)
+
+
+def test_token_dropping_keeps_the_right_tokens_in_order():
+    enc = MaskedViT(vit()[0]).eval()
+    img = torch.randn(2, 3, 16, 16, generator=G)
+    mask = torch.tensor([[1, 0, 1, 0] * 4, [0, 0, 1, 1] * 4], dtype=torch.bool)
+    keep = visible_indices(mask)
+    assert keep.tolist() == [[1, 3, 5, 7, 9, 11, 13, 15], [0, 1, 4, 5, 8, 9, 12, 13]]
+    # Position embeddings are added before the drop: the kept tokens are exactly those of the full sequence.
+    full = enc._embed(img)
+    kept = full[:, 1:].gather(1, keep.unsqueeze(-1).expand(-1, -1, full.shape[-1]))
+    with torch.no_grad():
+        out = enc.visible(img, keep)
+        ref = enc._blocks(torch.cat([full[:, :1], kept], 1))
+        assert out.shape == (2, 1 + 8, 192) and torch.allclose(out, ref, atol=1e-6)
+        every = enc.visible(img, torch.arange(16).expand(2, -1))
+        assert torch.allclose(every, enc.all_tokens(img), atol=1e-5)
+
+
+def test_mask_tokens_replace_masked_patches_only():
+    enc = MaskedViT(vit()[0])
+    img = torch.randn(1, 3, 16, 16, generator=G)
+    none = torch.zeros(1, 16, dtype=torch.bool)
+    with torch.no_grad():
+        assert torch.allclose(enc.with_mask_tokens(img, none), enc.all_tokens(img)[:, 1:], atol=1e-6)
+        some = none.clone()
+        some[0, 3] = True
+        x = enc.vit.patch_embed(img)
+        emb = enc._embed(img, some)
+        assert torch.allclose(emb[0, 1 + 3] - enc.vit.pos_embed[0, 1 + 3], enc.mask_token[0, 0], atol=1e-6)
+        assert torch.allclose(emb[0, 1 + 4] - enc.vit.pos_embed[0, 1 + 4], x[0, 4], atol=1e-6)
+    with pytest.raises(ValueError, match="must be the model's patch size"):
+        enc.with_mask_tokens(img, torch.zeros(1, 64, dtype=torch.bool))
+
+
+def test_cls_attention_maps_sum_to_one_and_match_timm():
+    v, _ = vit(depth=3)
+    enc = MaskedViT(v).eval()
+    img = torch.randn(2, 3, 16, 16, generator=G)
+    maps = enc.cls_attention(img)
+    assert maps.shape == (2, 3, 16) and torch.allclose(maps.sum(-1), torch.ones(2, 3), atol=1e-5)
+    # Against timm's own attention (non-fused path, hooked at attn_drop) of the last block.
+    got = {}
+    last = v.blocks[-1].attn
+    last.fused_attn = False
+    h = last.attn_drop.register_forward_hook(lambda m, i, o: got.setdefault("a", o))
+    with torch.no_grad():
+        v(img)
+    h.remove()
+    ref = got["a"][:, :, 0, 1:]
+    assert torch.allclose(maps, ref / ref.sum(-1, keepdim=True), atol=1e-5)
+
+
+def test_masked_patch_loss_reference():
+    pred, target = torch.randn(2, 4, 6, generator=G), torch.randn(2, 4, 6, generator=G)
+    mask = torch.tensor([[1, 0, 1, 0], [0, 0, 0, 1]], dtype=torch.bool)
+    ref = sum(float(((pred[b, n] - target[b, n]) ** 2).mean()) for b in range(2) for n in range(4) if mask[b, n]) / 3
+    assert abs(float(masked_patch_loss(pred, target, mask, norm_pix=False)) - ref) < 1e-6
+    t = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
+    ref = sum(float(((pred[b, n] - t[b, n]) ** 2).mean()) for b in range(2) for n in range(4) if mask[b, n]) / 3
+    assert abs(float(masked_patch_loss(pred, target, mask, norm_pix=True)) - ref) < 1e-5
+
+
+def test_mae_reconstruct_shapes_and_visible_patches():
+    v, d = vit()
+    m = MAE(v, d, MAEParams(decoder_dim=32, decoder_depth=1))
+    img = torch.randn(2, 3, 16, 16, generator=G)
+    mask = torch.zeros(2, 16, dtype=torch.bool)
+    mask[:, ::2] = True
+    out = m.reconstruct({"image": img, "mask": mask})
+    assert {k: tuple(t.shape) for k, t in out.items()} == {k: (2, 3, 16, 16) for k in ("original", "masked", "reconstruction")}
+    visible = ~mask[0]
+    assert torch.allclose(patchify(out["reconstruction"], 4)[0, visible], patchify(img, 4)[0, visible], atol=1e-5)
+    assert (patchify(out["masked"], 4)[0, mask[0]] == 0).all()
+
+
+def test_hog_orientation_and_normalisation():
+    img = torch.zeros(1, 3, 8, 8)
+    img[..., :, 4:] = 1.0  # a vertical edge: horizontal gradient, orientation 0
+    h = hog(img, patch=4, cell=2, bins=9)
+    assert h.shape == (1, 4, 4 * 9)
+    cells = h.view(1, 4, 4, 9)
+    strong = cells.norm(dim=-1) > 0
+    assert strong.any() and (cells[strong].argmax(-1) == 0).all()
+    assert torch.allclose(cells[strong].norm(dim=-1), torch.ones(int(strong.sum())), atol=1e-5)
+    assert hog(torch.ones(1, 3, 8, 8), 4, 2).abs().sum() == 0  # flat image: no gradients
+
+
+def test_ijepa_block_indices_cut_to_the_smallest_block():
+    m = torch.zeros(2, 10, dtype=torch.bool)
+    m[0, [1, 2, 3]] = True
+    m[1, [5, 7]] = True
+    assert block_indices(m).tolist() == [[1, 2], [5, 7]]
+
+
+def test_beit_tokens_are_the_nearest_visual_word():
+    v, d = vit()
+    x = torch.randn(40, 3, 16, 16, generator=G)
+    cb = fit_codebook(x, 4, 16, iters=5)
+    import io
+
+    buf = io.BytesIO()
+    torch.save(cb, buf)
+    m = BEiT(v, d, BEiTParams(vocab_size=16))
+    m.load_tokenizer(buf.getvalue())
+    ids = m.tokens(x[:2])
+    ref = (normalised_patches(x[:2], 4) @ cb["codebook"].T).argmax(-1)
+    assert ids.shape == (2, 16) and torch.equal(ids, ref)
+    bad = io.BytesIO()
+    torch.save({"codebook": torch.zeros(3, 3), "patch_size": 4}, bad)
+    with pytest.raises(ValueError, match="expected a codebook of shape"):
+        m.load_tokenizer(bad.getvalue())
+
+
+def test_beit_tokenizer_from_the_shards_and_a_run_with_it(tiny_labeled, tmp_path, capsys):
+    from selfsup.platform.cli import main
+    from selfsup.platform.config import load_config
+    from selfsup.platform.step import build_method
+
+    data, _ = tiny_labeled
+    over = [f"data.uri={data}", "data.views.view.size=16", "data.views.patch_size=4", "method.vocab_size=16",
+            "method.tokenizer_samples=30", "model.kwargs={img_size: 16, patch_size: 4, depth: 2}"]
+    out = "s3://test-runs/tokenizers/tiny.pt"
+    assert main(["tokenizer", "fit", "beit_vit_tiny", *over, "--out", out]) == 0
+    assert "16 visual words from 30 images" in capsys.readouterr().out
+    cfg = load_config("beit_vit_tiny", [*over, f"method.tokenizer={out}"])
+    m = build_method(cfg)
+    assert m.codebook.abs().sum() > 0
