@@ -31,6 +31,7 @@ class Params(BaseModel):
 
 class Method(nn.Module):
     view_kind: ClassVar[str]
+    mask_strategies: ClassVar[tuple[str, ...]] = ()  # for view_kind "masked": the strategies it can use
     Params: ClassVar[type[Params]] = Params
 
     def __init__(self, backbone: nn.Module, feat_dim: int, params: Params, num_samples: int | None = None):

@@ -51,6 +51,7 @@ class BEiTParams(Params):
 
 class BEiT(Method):
     view_kind = "masked"
+    mask_strategies = ("random", "blockwise")
     Params = BEiTParams
 
     def __init__(self, backbone, feat_dim, params: BEiTParams, num_samples=None):

@@ -58,6 +58,7 @@ class IJEPAParams(Params):
 
 class IJEPA(Method):
     view_kind = "masked"
+    mask_strategies = ("multiblock",)
     Params = IJEPAParams
 
     def __init__(self, backbone, feat_dim, params: IJEPAParams, num_samples=None):

@@ -40,6 +40,7 @@ class MAEParams(Params):
 
 class MAE(Method):
     view_kind = "masked"
+    mask_strategies = ("random", "blockwise")
     Params = MAEParams
 
     def __init__(self, backbone, feat_dim, params: MAEParams, num_samples=None):

@@ -41,6 +41,7 @@ class MaskFeatParams(Params):
 
 class MaskFeat(Method):
     view_kind = "masked"
+    mask_strategies = ("random", "blockwise")
     Params = MaskFeatParams
 
     def __init__(self, backbone, feat_dim, params: MaskFeatParams, num_samples=None):

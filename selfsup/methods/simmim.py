@@ -12,6 +12,7 @@ from selfsup.methods.vit import MaskedViT, patchify
 
 class SimMIM(Method):
     view_kind = "masked"
+    mask_strategies = ("random", "blockwise")
     Params = Params  # none of its own: the mask ratio and patch size live in the view config
 
     def __init__(self, backbone, feat_dim, params: Params, num_samples=None):

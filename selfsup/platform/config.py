@@ -62,7 +62,7 @@ class ScheduleConfig(Strict):
 
     epochs: float | None = Field(None, gt=0)
     steps: int | None = Field(None, gt=0)
-    time_budget_s: float | None = Field(None, gt=0)
+    time_budget_s: float | None = Field(None, gt=0)  # seconds spent in training steps (not start-up or evaluation)
 
     @model_validator(mode="after")
     def _one(self):
@@ -138,6 +138,11 @@ class Config(Strict):
         elif self.data.views.kind != cls.view_kind:
             raise ValueError(f"data.views.kind {self.data.views.kind!r} does not fit method {self.method.name!r}, "
                              f"which consumes {cls.view_kind!r}")
+        if cls.view_kind == "masked" and "strategy" not in self.data.views.model_fields_set:
+            self.data.views.strategy = cls.mask_strategies[0]  # the method's own, unless the config says
+        if cls.view_kind == "masked" and self.data.views.strategy not in cls.mask_strategies:
+            raise ValueError(f"data.views.strategy {self.data.views.strategy!r} does not fit method {self.method.name!r}, "
+                             f"which takes {' or '.join(cls.mask_strategies)}")
         if self.scaling.min_workers and self.scaling.min_workers > self.scaling.num_workers:
             raise ValueError(f"scaling.min_workers {self.scaling.min_workers} > scaling.num_workers {self.scaling.num_workers}")
         if self.data.batch_size % self.scaling.num_workers:

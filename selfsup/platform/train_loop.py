@@ -119,8 +119,10 @@ def train_func(config: dict) -> None:
     method = build_method(cfg, n_train, ep).to(device)
     step_fn = TrainStep(method, cfg, device)  # sets the memory format: before DDP builds its buckets
     if world > 1:
+        # No buffer sync after init: methods keep their cross-worker state in sync themselves (centres,
+        # queues), and a memory bank must stay per worker (DeepCluster-v2 merges them to cluster).
         step_fn.model = torch.nn.parallel.DistributedDataParallel(
-            method, device_ids=[device.index] if device.type == "cuda" else None)
+            method, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False)
     step, elapsed, restored = restore(run_uri, ep, step_fn)
     if restored and rank == 0:
         log.warning("resumed from %s/%s at step %d", run_uri, restored, step)
