@@ -154,21 +154,29 @@ def write_shards(source: Source, dest: str, opts: ShardOptions, ep: Endpoint | N
         results[r["path"]] = r
         bar.update(r["num_samples"] + len(r["skipped"]))
 
+    n = max(1, opts.workers)
+    pool, submitted = ThreadPoolExecutor(n), []
     try:
-        with ThreadPoolExecutor(max(1, opts.workers)) as pool:
-            pending = set()
-            # Bounded in flight: memory stays at a few shards whatever the data set's size.
-            for job in todo:
-                pending.add(pool.submit(build, job))
-                if len(pending) >= 2 * max(1, opts.workers):
-                    finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-                    for f in finished:
+        pending = set()
+        for job in todo:
+            submitted.append(pool.submit(build, job))
+            pending.add(submitted[-1])
+            if len(pending) >= 2 * n:  # bounded in flight: memory stays at a few shards
+                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for f in finished:
+                    if f.exception() is None:
                         finish(f)
-                    save_progress()
-            for f in pending:
-                finish(f)
+                for f in finished:
+                    f.result()  # a failure surfaces once every success beside it is recorded
+                save_progress()
+        for f in pending:
+            finish(f)
     finally:
-        # Interrupted or not, record what is finished so that a re-run resumes from it.
+        # Interrupted or not, record every finished shard so that a re-run resumes from it.
+        pool.shutdown(wait=True, cancel_futures=True)
+        for f in submitted:
+            if f.done() and not f.cancelled() and f.exception() is None and f.result()["path"] not in results:
+                finish(f)
         bar.close()
         save_progress(force=True)
 
