@@ -18,22 +18,10 @@ RESULTS = Path(__file__).with_name("RESULTS.md")
 @contextlib.contextmanager
 def private_s3():
     """An embedded SeaweedFS in a temporary home, its endpoint exported for this process and Ray."""
-    from selfsup.pipelines.seaweed import EmbeddedS3
+    from selfsup.pipelines.seaweed import exported
 
-    with tempfile.TemporaryDirectory(prefix="selfsup-bench-") as home:
-        server = EmbeddedS3(home)
-        ep = server.up()
-        old = {k: os.environ.get(k) for k in ep.env()}
-        os.environ.update(ep.env())
-        try:
-            yield ep
-        finally:
-            for k, v in old.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
-            server.down()
+    with tempfile.TemporaryDirectory(prefix="selfsup-bench-") as home, exported(home) as ep:
+        yield ep
 
 
 def machine() -> str:

@@ -13,23 +13,14 @@ for var in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from selfsup.pipelines.seaweed import EmbeddedS3  # noqa: E402
+from selfsup.pipelines.seaweed import exported  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def s3(tmp_path_factory):
     """A real SeaweedFS on free ports in a temporary directory; its endpoint is in AWS_* for the session."""
-    server = EmbeddedS3(tmp_path_factory.mktemp("s3home"))
-    ep = server.up()
-    old = {k: os.environ.get(k) for k in ep.env()}
-    os.environ.update(ep.env())
-    yield ep
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    server.down()
+    with exported(tmp_path_factory.mktemp("s3home")) as ep:
+        yield ep
 
 
 _bucket_counter = iter(range(10**6))

@@ -8,6 +8,7 @@ defaults collide between instances), with telemetry off.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -226,6 +227,25 @@ class EmbeddedS3:
         if ep is None:
             raise StorageError(f"the embedded S3 server under {self.root} is not running: run `selfsup storage up`")
         return _exports(ep)
+
+
+@contextlib.contextmanager
+def exported(home: str | os.PathLike):
+    """A server under `home` for the duration of the block, its endpoint in this process's AWS_*
+    variables (and so in Ray workers started meanwhile); both undone at the end. For tests and benchmarks."""
+    server = EmbeddedS3(home)
+    ep = server.up()
+    old = {k: os.environ.get(k) for k in ep.env()}
+    os.environ.update(ep.env())
+    try:
+        yield ep
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        server.down()
 
 
 def _exports(ep: Endpoint) -> str:
