@@ -87,7 +87,7 @@ def main():
     for r in rows:
         extra = f" (teacher {r['knn_teacher']:.2f}%)" if "knn_teacher" in r else ""
         lines.append(f"| {r['name']} | {r['knn']:.2f}%{extra} | {r['steps']} ({r['epochs']:.2f}) | {r['img_s']:.1f} | {r['wall']:.0f} s |")
-    lines.append(f"| same backbone, random init (timm init, seed 0) | {rand:.2f}% | | | |")
+    lines.append(f"| same backbone and init, untrained (seed 0) | {rand:.2f}% | | | |")
     lines.append(f"| raw pixels | {raw:.2f}% | | | |")
     title = "kNN after a 15-minute CPU budget (issue 4c)" + (f", {args.label}" if args.label else "")
     extra = f"\nExtra overrides: `{' '.join(args.set)}`." if args.set else ""
