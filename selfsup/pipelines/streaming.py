@@ -116,7 +116,8 @@ def _report_bad(health: str | None, path: str, error: str) -> None:
         import ray
 
         try:
-            ray.get_actor(health).report.remote(path, error)
+            # Waited for (a failure path only): counted before the epoch can end.
+            ray.get(ray.get_actor(health).report.remote(path, error), timeout=30)
         except ValueError:
             pass  # no health actor in this job: the warning is all we can do
 
