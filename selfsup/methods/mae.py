@@ -10,7 +10,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from selfsup.methods.base import Method, Params, collapse_probe
-from selfsup.methods.vit import MaskedViT, patchify, unpatchify
+from selfsup.methods.vit import MaskedViT, masked_mean, patchify, unpatchify
 
 
 def visible_indices(mask: torch.Tensor) -> torch.Tensor:
@@ -26,9 +26,7 @@ def masked_patch_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tens
     if norm_pix:
         mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
         target = (target - mean) / (var + 1e-6).sqrt()
-    per_patch = (pred.float() - target.float()).pow(2).mean(-1)
-    m = mask.float()
-    return (per_patch * m).sum() / m.sum()
+    return masked_mean((pred.float() - target.float()).pow(2).mean(-1), mask)
 
 
 class MAEParams(Params):

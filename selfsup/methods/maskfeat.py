@@ -12,7 +12,7 @@ from pydantic import Field
 from torch import nn
 
 from selfsup.methods.base import Method, Params, collapse_probe
-from selfsup.methods.vit import MaskedViT
+from selfsup.methods.vit import MaskedViT, masked_mean
 
 
 def hog(img: torch.Tensor, patch: int, cell: int, bins: int = 9) -> torch.Tensor:
@@ -58,6 +58,5 @@ class MaskFeat(Method):
         tokens = self.encoder.with_mask_tokens(img, mask)
         with torch.no_grad(), torch.autocast(img.device.type, enabled=False):  # HOG in fp32
             target = hog(img, self.patch, self.cell, self.params.hog_bins)
-        per_patch = (self.head(tokens).float() - target).pow(2).mean(-1)
-        m = mask.float()
-        return {"loss": (per_patch * m).sum() / m.sum(), **collapse_probe(tokens.mean(1))}
+        loss = masked_mean((self.head(tokens).float() - target).pow(2).mean(-1), mask)
+        return {"loss": loss, **collapse_probe(tokens.mean(1))}

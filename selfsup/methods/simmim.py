@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from selfsup.methods.base import Method, Params, collapse_probe
-from selfsup.methods.vit import MaskedViT, patchify
+from selfsup.methods.vit import MaskedViT, masked_mean, patchify
 
 
 class SimMIM(Method):
@@ -25,6 +25,5 @@ class SimMIM(Method):
         img, mask = batch["image"], batch["mask"]
         tokens = self.encoder.with_mask_tokens(img, mask)
         pred = self.head(tokens)
-        per_patch = (pred.float() - patchify(img, self.patch).float()).abs().mean(-1)
-        m = mask.float()
-        return {"loss": (per_patch * m).sum() / m.sum(), **collapse_probe(tokens.mean(1))}
+        loss = masked_mean((pred.float() - patchify(img, self.patch).float()).abs().mean(-1), mask)
+        return {"loss": loss, **collapse_probe(tokens.mean(1))}

@@ -3,7 +3,8 @@
 - `visible(img, keep)`: encode only the patches in `keep` (MAE, I-JEPA drop the rest),
 - `with_mask_tokens(img, mask)`: a learned mask token in place of masked patches (SimMIM, BEiT, MaskFeat),
 - `cls_attention(img, layer)`: per-head attention of the CLS token over the patches (each map sums to 1),
-- `patchify` / `unpatchify`: images <-> (B, N, p*p*C) patches, row-major, as the masks index them.
+- `patchify` / `unpatchify`: images <-> (B, N, p*p*C) patches, row-major, as the masks index them;
+  `masked_mean`: a per-patch loss averaged over the masked patches.
 Any timm ViT size and patch size with a class token; position embeddings are added before
 tokens are dropped, so kept tokens keep their positions.
 """
@@ -25,6 +26,12 @@ def unpatchify(x: torch.Tensor, p: int, C: int) -> torch.Tensor:
     h = w = int(N ** 0.5)
     x = x.reshape(B, h, w, p, p, C).permute(0, 5, 1, 3, 2, 4)
     return x.reshape(B, C, h * p, w * p)
+
+
+def masked_mean(per_patch: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of a per-patch loss (B, N) over the masked patches only."""
+    m = mask.float()
+    return (per_patch * m).sum() / m.sum()
 
 
 class MaskedViT(nn.Module):
