@@ -38,7 +38,9 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+        # With the dashboard: Ray Train's placement-group cleaner polls the state API it serves and
+        # logs a warning every second without it. It also lets users watch the run at :8265.
+        ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
 
 
 def train(cfg: Config, log=print) -> dict:
