@@ -3,8 +3,10 @@ same backbone at random init and raw pixels.
 
 Protocol: weighted kNN, k=20, T=0.07, cosine; memory = all 60,000 train images, queries = all
 10,000 test images; eval-mode BN. Training: `selfsup train` on a local Ray cluster (2 workers,
-data streamed from the embedded S3 server), ResNet-18 with a CIFAR stem at 28 px (the data's own
-resolution), bf16 autocast + channels_last, every schedule over the time budget.
+data streamed from the embedded S3 server), bf16 autocast + channels_last, every schedule over the
+time budget. Backbone: ResNet-18 with a CIFAR stem at half width (channels 32-64-128-256, 2.8M
+parameters) at 28 px, the data's own resolution: on 2 CPU cores the full-width net sees under one
+epoch in 15 minutes, the half-width one 3-4 (tuning runs: benchmarks/RESULTS.md).
 
     python benchmarks/knn_budget.py                 # 15 minutes per method, writes RESULTS.md
     python benchmarks/knn_budget.py --quick         # < 60 s of training, small eval, prints last
@@ -20,10 +22,11 @@ import time
 sys.path.insert(0, os.path.dirname(__file__))
 from common import private_s3, write_section  # noqa: E402
 
-COMMON = ["model.name=resnet18", "model.cifar_stem=true", "data.batch_size=256", "scaling.num_workers=2",
+COMMON = ["model.name=resnet18", "model.cifar_stem=true", "model.kwargs={channels: [32, 64, 128, 256]}", "data.batch_size=256", "scaling.num_workers=2",
           "eval.every_epochs=null", "eval.at_start=false", "train.checkpoint_every_epochs=0.25"]
 SIMCLR = ["method.name=simclr", "data.views.view0.size=28", "data.views.view1.size=28",
-          "method.temperature=0.2", "optim.lr=0.002", "optim.warmup_fraction=0.1", "optim.weight_decay=0.0001"]
+          "data.views.view0.scale=[0.4, 1.0]", "data.views.view1.scale=[0.4, 1.0]",
+          "method.temperature=0.1", "optim.lr=0.004", "optim.warmup_fraction=0.1", "optim.weight_decay=0.0001"]
 DINO = ["method.name=dino", "data.views.global_view.size=28", "data.views.local_view.size=12",
         "method.out_dim=1024", "method.momentum_teacher=0.99", "method.teacher_temp=0.07",
         "method.warmup_teacher_temp=0.04", "method.warmup_teacher_temp_fraction=0.3",
@@ -95,9 +98,9 @@ def main():
 
 Budget {budget:.0f} s of training per method; kNN k=20, T=0.07, cosine, memory = all 60,000 train
 images, queries = all 10,000 test images, eval-mode BN, 28 px inputs. Both: ResNet-18 (timm) with a
-CIFAR stem, batch 256 over 2 Ray Train workers, bf16 autocast + channels_last, AdamW, warm-up then
+CIFAR stem at half width (channels 32-64-128-256), batch 256 over 2 Ray Train workers, bf16 autocast + channels_last, AdamW, warm-up then
 cosine over the budget.
-SimCLR: 2 views at 28 px, temperature 0.2, lr 2e-3, weight decay 1e-4.
+SimCLR: 2 views at 28 px (crop scale 0.4-1), temperature 0.1, lr 4e-3, weight decay 1e-4.
 DINO: 2 global crops at 28 px + 6 local at 12 px, 1024 prototypes, teacher momentum 0.99 -> 1,
 teacher temperature 0.04 -> 0.07 over the first 30%, last layer frozen for the first 2%, lr 1e-3,
 weight decay 0.04 -> 0.4.
