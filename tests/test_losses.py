@@ -86,3 +86,13 @@ def test_nt_xent_two_gloo_workers_equal_one_worker_on_the_whole_batch():
     grad0 = torch.cat([r[2] for r in results])
     grad1 = torch.cat([r[3] for r in results])
     assert torch.allclose(grad0, a.grad, atol=1e-6) and torch.allclose(grad1, b.grad, atol=1e-6)
+
+
+def test_nt_xent_stays_fp32_under_bf16_autocast():
+    g = torch.Generator().manual_seed(0)
+    z0, z1 = torch.randn(64, 48, generator=g), torch.randn(64, 48, generator=g)
+    ref = nt_xent(z0, z1, 0.1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # would run the similarity matmul in bf16
+        got = nt_xent(z0, z1, 0.1)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)

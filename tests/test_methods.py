@@ -61,6 +61,22 @@ def test_byol_and_simsiam_references():
     assert abs(float(negative_cosine(p, z)) + sum(cos) / 6) < 1e-5
 
 
+@pytest.mark.parametrize("loss", ["barlow_twins", "vicreg", "info_nce", "contrastive"])
+def test_losses_stay_fp32_under_bf16_autocast(loss):
+    # autocast would run the similarity / cross-correlation matmuls in bf16 (about 3 significant digits)
+    torch.manual_seed(0)
+    z0, z1, queue = torch.randn(64, 48), torch.randn(64, 48), F.normalize(torch.randn(128, 48), dim=1)
+    fn = {"barlow_twins": lambda: barlow_twins_loss(z0, z1, 0.005),
+          "vicreg": lambda: vicreg_loss(z0, z1, 25.0, 25.0, 1.0)["loss"],
+          "info_nce": lambda: info_nce(F.normalize(z0, dim=1), F.normalize(z1, dim=1), queue, 0.1),
+          "contrastive": lambda: contrastive(z0, z1, 0.1)}[loss]
+    ref = fn()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = fn()
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
+
+
 def test_barlow_twins_reference():
     z0, z1 = rnd(8, 3), rnd(8, 3)
     a = (z0 - z0.mean(0)) / z0.std(0, unbiased=False)
@@ -259,6 +275,22 @@ def _fashion_sample(n=32):
     with gzip.open(FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz") as f:
         images = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28)[:n]
     return [torch.from_numpy(im.copy()).unsqueeze(0) for im in images]
+
+
+def test_deepclusterv2_clusters_once_the_bank_is_big_enough_not_at_step_recluster_every():
+    torch.manual_seed(0)
+    cfg = _tiny("deepclusterv2", "method.n_prototypes=[4,8]", "method.recluster_every_steps=100")
+    m = build_method(cfg, num_samples=64)
+    step = TrainStep(m, cfg, torch.device("cpu"))
+    images = _fashion_sample(64)
+    losses = []
+    for i in range(3):  # 16 samples a step; the first k-means needs 4 x 8 = 32 in the bank
+        batch = make_views(images[16 * i:16 * (i + 1)], cfg.data.views, torch.Generator().manual_seed(i))
+        batch["index"] = torch.arange(16 * i, 16 * (i + 1))
+        losses.append(step(batch, i / 100)["loss"])
+        assert bool(m.clustered) == (i >= 1)
+    assert losses[:2] == [0.0, 0.0] and losses[2] > 0
+    assert (m.assignments[:, :32] >= 0).all() and (m.assignments[:, 32:] == -1).all()
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))

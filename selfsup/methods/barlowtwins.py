@@ -13,10 +13,11 @@ import torch
 from pydantic import Field
 
 from selfsup.methods.backbones import mlp
-from selfsup.methods.base import Method, Params, collapse_probe
+from selfsup.methods.base import Method, Params, collapse_probe, in_fp32
 from selfsup.methods.dist import gather_with_grad
 
 
+@in_fp32
 def barlow_twins_loss(z0: torch.Tensor, z1: torch.Tensor, lambd: float) -> torch.Tensor:
     z0, z1 = gather_with_grad(z0.float()), gather_with_grad(z1.float())
     n = z0.shape[0]

@@ -17,6 +17,7 @@ A method is an `nn.Module` around a timm backbone that
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import ClassVar
 
@@ -59,6 +60,26 @@ class Method(nn.Module):
     def student_parameters(self):
         """What the optimizer trains (the default: every parameter that requires grad)."""
         return [p for p in self.parameters() if p.requires_grad]
+
+
+def in_fp32(fn):
+    """Run a loss (or a target computation) in fp32 inside bf16 autocast: autocast runs matmuls
+    (similarities, cross-correlations, prototype scores) in bf16 whatever their inputs' dtype, and a
+    loss needs more than bf16's 8 bits of mantissa. Floating-point tensor arguments arrive as fp32."""
+
+    def as32(a):
+        if torch.is_tensor(a):
+            return a.float() if a.is_floating_point() else a
+        if isinstance(a, (list, tuple)):
+            return type(a)(as32(x) for x in a)
+        return a
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):
+            return fn(*as32(args), **{k: as32(v) for k, v in kwargs.items()})
+
+    return wrapper
 
 
 def cosine(start: float, end: float, progress: float) -> float:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from selfsup.methods.base import Method, Params, collapse_probe
+from selfsup.methods.base import Method, Params, collapse_probe, in_fp32
 from selfsup.methods.clustering import spherical_kmeans
 from selfsup.methods.vit import MaskedViT, patchify
 
@@ -80,6 +80,7 @@ class BEiT(Method):
         self.codebook.copy_(cb)
 
     @torch.no_grad()
+    @in_fp32  # the same tokens as at fitting time, in fp32
     def tokens(self, img: torch.Tensor) -> torch.Tensor:
         if self.scripted is not None:
             return self.scripted(img).long()

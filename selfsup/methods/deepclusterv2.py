@@ -4,8 +4,10 @@ with the centroids as fixed prototypes.
 
 The memory bank holds the first global crop's embedding of every sample seen, by index; k-means
 runs at each epoch start and every `recluster_every_steps` (runs shorter than an epoch still
-cluster), over the banks of all workers merged (the newest entry of each sample wins). Samples
-not yet clustered take the nearest centroid; until the first clustering the loss is zero."""
+cluster), over the banks of all workers merged (the newest entry of each sample wins). A fresh run
+clusters first as soon as the bank holds FIRST_BANK x the largest k samples (a few steps) rather
+than learning nothing until step `recluster_every_steps`. Samples not yet clustered take the
+nearest centroid; until the first clustering the loss is zero."""
 
 from __future__ import annotations
 
@@ -14,9 +16,23 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from selfsup.methods.backbones import mlp
-from selfsup.methods.base import Method, Params, collapse_probe
+from selfsup.methods.base import Method, Params, collapse_probe, in_fp32
 from selfsup.methods.clustering import spherical_kmeans
 from selfsup.methods.dist import world
+
+
+@in_fp32
+def cluster_loss(z: torch.Tensor, centroids: list[torch.Tensor], assigned: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Cross-entropy of every crop's prototype scores against its sample's cluster, averaged over
+    the k-means heads; a sample not clustered yet (-1) takes its first crop's nearest centroid.
+    z: (n_crops * B, D), the first B rows the first global crop; assigned: (heads, B)."""
+    B = assigned.shape[1]
+    losses = []
+    for cent, target in zip(centroids, assigned):
+        nearest = (z[:B].detach() @ cent.T).argmax(1)
+        target = torch.where(target >= 0, target, nearest).repeat(len(z) // B)
+        losses.append(F.cross_entropy(z @ cent.T / temperature, target))
+    return torch.stack(losses).mean()
 
 
 class DeepClusterV2Params(Params):
@@ -31,6 +47,7 @@ class DeepClusterV2Params(Params):
 class DeepClusterV2(Method):
     view_kind = "multi_crop"
     Params = DeepClusterV2Params
+    FIRST_BANK = 4  # samples per centroid before the first k-means: fewer gives near-singleton clusters
 
     def __init__(self, backbone, feat_dim, params: DeepClusterV2Params, num_samples=None):
         super().__init__(backbone, feat_dim, params, num_samples)
@@ -45,6 +62,7 @@ class DeepClusterV2(Method):
         self.register_buffer("assignments", torch.full((len(p.n_prototypes), num_samples), -1, dtype=torch.long))
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
         self.register_buffer("clustered", torch.zeros((), dtype=torch.bool))
+        self.global_batch = 0  # set by forward, read by after_step
 
     def start_epoch(self, epoch):
         if int(self.written.max()) > 0:
@@ -84,15 +102,9 @@ class DeepClusterV2(Method):
         if not bool(self.clustered):
             loss = z.sum() * 0.0  # nothing to learn yet; the graph stays whole for DDP
         else:
-            losses = []
-            for i in range(len(self.params.n_prototypes)):
-                cent = getattr(self, f"centroids{i}")
-                target = self.assignments[i, idx]
-                with torch.no_grad():
-                    nearest = (z[:B].detach().float() @ cent.T).argmax(1)
-                target = torch.where(target >= 0, target, nearest).repeat(len(z) // B)
-                losses.append(F.cross_entropy(z.float() @ cent.T / self.params.temperature, target))
-            loss = torch.stack(losses).mean()
+            centroids = [getattr(self, f"centroids{i}") for i in range(len(self.params.n_prototypes))]
+            loss = cluster_loss(z, centroids, self.assignments[:, idx], self.params.temperature)
+        self.global_batch = B * world()[1]
         with torch.no_grad():
             self.steps += 1
             self.memory[idx] = z[:B].detach().float()
@@ -100,6 +112,8 @@ class DeepClusterV2(Method):
         return {"loss": loss, **collapse_probe(z[:B])}
 
     def after_step(self, progress):
-        every = self.params.recluster_every_steps
-        if every and int(self.steps) % every == 0:
+        every, steps = self.params.recluster_every_steps, int(self.steps)
+        # Decided from the step count and global batch, the same on every worker: recluster() is collective.
+        first = not bool(self.clustered) and steps * self.global_batch >= self.FIRST_BANK * max(self.params.n_prototypes)
+        if first or (every and steps % every == 0):
             self.recluster()

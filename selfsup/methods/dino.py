@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from selfsup.methods.base import Method, Params, collapse_probe, cosine, ema_update, frozen_copy
+from selfsup.methods.base import Method, Params, collapse_probe, cosine, ema_update, in_fp32, frozen_copy
 from selfsup.methods.dist import world
 
 
@@ -44,6 +44,7 @@ class DINOHead(nn.Module):
         return self.last_layer(x)
 
 
+@in_fp32
 def dino_loss(student: list[torch.Tensor], teacher: list[torch.Tensor], center: torch.Tensor,
               student_temp: float, teacher_temp: float) -> torch.Tensor:
     """Cross-entropy between the centred, sharpened teacher distribution of each global crop and

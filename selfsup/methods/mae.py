@@ -9,7 +9,7 @@ from pydantic import Field
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from selfsup.methods.base import Method, Params, collapse_probe
+from selfsup.methods.base import Method, Params, collapse_probe, in_fp32
 from selfsup.methods.vit import MaskedViT, masked_mean, patchify, unpatchify
 
 
@@ -21,6 +21,7 @@ def visible_indices(mask: torch.Tensor) -> torch.Tensor:
     return torch.argsort(mask.to(torch.int8), dim=1, stable=True)[:, : int(counts[0])]
 
 
+@in_fp32
 def masked_patch_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, norm_pix: bool) -> torch.Tensor:
     """Mean squared error over the masked patches only; targets normalised per patch when norm_pix."""
     if norm_pix:

@@ -13,10 +13,11 @@ from pydantic import Field
 from torch import nn
 
 from selfsup.methods.backbones import mlp
-from selfsup.methods.base import Method, Params, collapse_probe, cosine, ema_update, frozen_copy
+from selfsup.methods.base import Method, Params, collapse_probe, cosine, ema_update, in_fp32, frozen_copy
 from selfsup.methods.dist import gather, world
 
 
+@in_fp32
 def info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float) -> torch.Tensor:
     """-log(exp(q.k+/t) / (exp(q.k+/t) + sum over the queue exp(q.n/t))), inputs L2-normalised."""
     pos = (q * k).sum(1, keepdim=True)

@@ -9,10 +9,11 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from selfsup.methods.backbones import mlp
-from selfsup.methods.base import Method, Params, collapse_probe, cosine, ema_update, frozen_copy
+from selfsup.methods.base import Method, Params, collapse_probe, cosine, ema_update, in_fp32, frozen_copy
 from selfsup.methods.dist import gather, world
 
 
+@in_fp32
 def contrastive(q: torch.Tensor, k: torch.Tensor, temperature: float) -> torch.Tensor:
     """This worker's queries against every worker's keys; the positive is the query's own key.
     Scaled by 2 * temperature as in the paper."""

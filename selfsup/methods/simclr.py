@@ -8,10 +8,11 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from selfsup.methods.backbones import mlp
-from selfsup.methods.base import Method, Params, collapse_probe
+from selfsup.methods.base import Method, Params, collapse_probe, in_fp32
 from selfsup.methods.dist import gather_with_grad, world
 
 
+@in_fp32
 def nt_xent(z0: torch.Tensor, z1: torch.Tensor, temperature: float) -> torch.Tensor:
     """NT-Xent for this worker's pairs (z0[i], z1[i]) against all views of all workers.
 

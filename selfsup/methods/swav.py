@@ -11,7 +11,7 @@ from pydantic import Field
 from torch import nn
 
 from selfsup.methods.backbones import mlp
-from selfsup.methods.base import Method, Params, collapse_probe
+from selfsup.methods.base import Method, Params, collapse_probe, in_fp32
 from selfsup.methods.dist import world
 
 
@@ -22,6 +22,7 @@ def _all_reduce(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+@in_fp32
 def sinkhorn(scores: torch.Tensor, eps: float = 0.05, iters: int = 3) -> torch.Tensor:
     """Codes (B, K) for scores (B, K) of this worker's samples, balanced over the global batch:
     every prototype gets 1/K of the mass, every sample 1/B (rows of the result sum to 1)."""
@@ -37,6 +38,7 @@ def sinkhorn(scores: torch.Tensor, eps: float = 0.05, iters: int = 3) -> torch.T
     return (q * b_total).T
 
 
+@in_fp32
 def swapped_prediction(scores: list[torch.Tensor], codes: list[torch.Tensor], temperature: float) -> torch.Tensor:
     """Mean over (code of crop i, every other crop v) of CE(code_i, softmax(scores_v / T))."""
     total, pairs = 0.0, 0

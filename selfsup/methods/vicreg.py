@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from selfsup.methods.backbones import mlp
-from selfsup.methods.base import Method, Params, collapse_probe
+from selfsup.methods.base import Method, Params, collapse_probe, in_fp32
 from selfsup.methods.dist import gather_with_grad
 
 
@@ -25,6 +25,7 @@ def _var_cov(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return var, off / d
 
 
+@in_fp32
 def vicreg_loss(z0: torch.Tensor, z1: torch.Tensor, sim_w: float, var_w: float, cov_w: float) -> dict[str, torch.Tensor]:
     inv = F.mse_loss(z0.float(), z1.float())
     g0, g1 = gather_with_grad(z0.float()), gather_with_grad(z1.float())
