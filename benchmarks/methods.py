@@ -4,7 +4,11 @@ peak memory, the final collapse probe; beside the same backbone at random init a
 
 Each method trains in its own process with the Ray-free TrainStep (the platform's own step;
 benchmarks/ray_overhead.py measures what Ray Train adds) on its shipped `<method>_resnet18`
-config (`<method>_vit_tiny` for the masked-image methods) at 28 px, views built by the pipeline's batched augmentations from the decoded images.
+config (`<method>_vit_tiny` for the masked-image methods) at 28 px, views built by the pipeline's
+batched augmentations from the decoded images. The ResNet-18 runs at half width (channels
+32-64-128-256), the backbone benchmarks/knn_budget.py chose for 2 CPU cores. The random-init kNN
+is computed once per distinct initial backbone (a hash of its weights): every ResNet method starts
+from the same seed-0 backbone, every ViT method from the same ViT.
 
     python benchmarks/methods.py --budget 300        # seconds of training per method; writes RESULTS.md
     python benchmarks/methods.py --quick             # one step of every method, `N/M methods ok` last
@@ -18,6 +22,7 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -26,6 +31,7 @@ from common import write_section  # noqa: E402
 SIZES = {"two_views": ["data.views.view0.size=28", "data.views.view1.size=28"],
          "multi_crop": ["data.views.global_view.size=28", "data.views.local_view.size=12"],
          "masked": ["data.views.view.size=28", "model.kwargs={img_size: 28, patch_size: 4}"]}
+HALF_WIDTH = "model.kwargs={channels: [32, 64, 128, 256]}"
 
 
 def config_name(method: str) -> str:
@@ -51,8 +57,19 @@ def fashion(split: str):
     return list(torch.from_numpy(x.copy())), torch.from_numpy(y.astype("int64"))
 
 
-def run_one(method: str, budget: float, steps: int | None, batch: int) -> dict:
-    """In a subprocess: train `method` for `budget` seconds (or `steps`), then evaluate."""
+def weights_hash(module) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for k, v in sorted(module.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().float().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def run_one(method: str, budget: float, steps: int | None, batch: int, cache: str | None, extra: list[str]) -> dict:
+    """In a subprocess: train `method` for `budget` seconds (or `steps`), then evaluate. `cache`: a
+    JSON file of random-init kNN by initial-backbone hash, shared by the methods of one table."""
     import torch
 
     from selfsup.methods import METHODS
@@ -64,9 +81,11 @@ def run_one(method: str, budget: float, steps: int | None, batch: int) -> dict:
     torch.manual_seed(0)
     kind = METHODS[method].view_kind
     length = f"schedule.steps={steps}" if steps else f"schedule.time_budget_s={budget}"
-    cfg = load_config(config_name(method), [length, f"data.batch_size={batch}", *SIZES[kind]])
+    name = config_name(method)
+    cfg = load_config(name, [length, f"data.batch_size={batch}", *SIZES[kind], *([HALF_WIDTH] if "resnet" in name else []), *extra])
     images, labels = fashion("train")
     m = build_method(cfg, num_samples=len(images))
+    init_hash = weights_hash(m.backbone)
     if hasattr(m, "load_tokenizer"):  # BEiT: visual words fitted on the train images, as the platform does
         import io
 
@@ -100,11 +119,64 @@ def run_one(method: str, budget: float, steps: int | None, batch: int) -> dict:
     test, test_y = fashion("test")
     f = [extract_features(m.backbone, imgs, 28, cfg.data.mean, cfg.data.std, dtype=step.dtype) for imgs in (images, test)]
     res["knn_top1"] = knn_top1(f[0], labels, f[1], test_y)
-    torch.manual_seed(0)
-    rand = build_method(cfg, num_samples=len(images)).backbone
-    f = [extract_features(rand, imgs, 28, cfg.data.mean, cfg.data.std, dtype=step.dtype) for imgs in (images, test)]
-    res["knn_random_init"] = knn_top1(f[0], labels, f[1], test_y)
+    known = json.load(open(cache)) if cache and os.path.exists(cache) else {}
+    if init_hash not in known:
+        torch.manual_seed(0)
+        rand = build_method(cfg, num_samples=len(images)).backbone
+        assert weights_hash(rand) == init_hash, "the random-init backbone must be the one training started from"
+        f = [extract_features(rand, imgs, 28, cfg.data.mean, cfg.data.std, dtype=step.dtype) for imgs in (images, test)]
+        known[init_hash] = knn_top1(f[0], labels, f[1], test_y)
+        if cache:
+            json.dump(known, open(cache, "w"))
+    res["knn_random_init"] = known[init_hash]
+    res["backbone"] = f"{cfg.model.name} {init_hash[:8]}"
     return res
+
+
+ROWS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "methods_rows.json")
+
+
+def commit() -> str:
+    """The code a row was measured with: HEAD, marked when the working tree differs from it."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=here).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", "selfsup"], capture_output=True, text=True, cwd=here).stdout
+    return (head or "unknown") + ("+changes" if dirty.strip() else "")
+
+
+def write_table(rows: list[dict], args) -> None:
+    """Merge this run's rows into methods_rows.json (rows of the same label, budget, batch and
+    overrides; `--only` refreshes some methods) and write the whole table to RESULTS.md."""
+    from selfsup.methods import METHODS
+    from selfsup.platform.evaluate import knn_top1, raw_pixel_features
+
+    key = json.dumps({"label": args.label, "budget": args.budget, "batch": args.batch, "set": args.set}, sort_keys=True)
+    stored = json.load(open(ROWS)) if os.path.exists(ROWS) else {}
+    table = stored.setdefault(key, {})
+    for r in rows:
+        table[r["method"]] = {**r, "commit": commit()}
+    with open(ROWS, "w") as f:
+        json.dump(stored, f, indent=1, sort_keys=True)
+    rows = [table[m] for m in METHODS if m in table]
+    tr, ty = fashion("train")
+    te, tey = fashion("test")
+    raw = knn_top1(raw_pixel_features(tr), ty, raw_pixel_features(te), tey)
+    lines = ["| method | kNN top-1 | random init (same backbone, seed) | gain | images/s | steps | peak RSS | embed std "
+             "| eff. rank | code |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['method']} | {r['knn_top1']:.2f}% | {r['knn_random_init']:.2f}% ({r['backbone']}) | "
+              f"{r['knn_top1'] - r['knn_random_init']:+.2f} | {r['images_per_s']:.1f} | {r['steps']} | "
+              f"{r['peak_rss_gb']:.1f} GB | {r['embed_std']:.3f} | {r['embed_rank']:.1f} | {r['commit']} |" for r in rows]
+    lines.append(f"| raw pixels | {raw:.2f}% | | | | | | | | |")
+    extra = f"\nExtra overrides: `{' '.join(args.set)}`." if args.set else ""
+    title = "Methods under a fixed CPU budget (issue 5)" + (f", {args.label}" if args.label else "")
+    write_section(title, "\n".join(lines) + extra + f"""
+
+{args.budget:.0f} s of training per method (Ray-free TrainStep, 2 threads, bf16 autocast + channels_last),
+batch {args.batch}, the shipped `<method>_resnet18` config (ResNet-18 with a CIFAR stem at half width,
+channels 32-64-128-256) or `<method>_vit_tiny` (patch 4) for MAE, SimMIM, BEiT, MaskFeat, I-JEPA, at
+28 px (local crops 12 px); kNN k=20, T=0.07, cosine, eval-mode BN, on all 60,000 / 10,000 images.
+Peak RSS: the training process's, before evaluation. Rows are kept in `benchmarks/methods_rows.json`:
+a run with `--only` refreshes its methods' rows; "code" is the commit each row was measured with.""")
 
 
 def main():
@@ -113,18 +185,25 @@ def main():
     ap.add_argument("--budget", type=float, default=300.0)
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--only", nargs="*", help="a subset of methods")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra overrides for every method")
+    ap.add_argument("--label", default="", help="names this variant in RESULTS.md")
     ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--cache", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(run_one(args.child, args.budget, 1 if args.quick else None, 32 if args.quick else args.batch)))
+        print(json.dumps(run_one(args.child, args.budget, 1 if args.quick else None, 32 if args.quick else args.batch,
+                                 args.cache, args.set)))
         return
 
     from selfsup.methods import METHODS
 
     names = args.only or list(METHODS)
     rows, ok = [], 0
+    cache = tempfile.NamedTemporaryFile(suffix=".json", delete=False).name
+    os.unlink(cache)
     for name in names:
-        cmd = [sys.executable, __file__, "--child", name, "--budget", str(args.budget), "--batch", str(args.batch)]
+        cmd = [sys.executable, __file__, "--child", name, "--budget", str(args.budget), "--batch", str(args.batch),
+               "--cache", cache, "--set", *args.set]
         cmd += ["--quick"] if args.quick else []
         t0 = time.time()
         r = subprocess.run(cmd, capture_output=True, text=True)
@@ -136,23 +215,10 @@ def main():
         rows.append(res)
         ok += 1
         print(json.dumps(res), flush=True)
+    if os.path.exists(cache):
+        os.unlink(cache)
     if not args.quick and rows:
-        from selfsup.platform.evaluate import knn_top1, raw_pixel_features
-
-        tr, ty = fashion("train")
-        te, tey = fashion("test")
-        raw = knn_top1(raw_pixel_features(tr), ty, raw_pixel_features(te), tey)
-        lines = ["| method | kNN top-1 | random init (same backbone, seed) | images/s | steps | peak RSS | embed std | eff. rank |",
-                 "|---|---|---|---|---|---|---|---|"]
-        lines += [f"| {r['method']} | {r['knn_top1']:.2f}% | {r['knn_random_init']:.2f}% | {r['images_per_s']:.1f} | "
-                  f"{r['steps']} | {r['peak_rss_gb']:.1f} GB | {r['embed_std']:.3f} | {r['embed_rank']:.1f} |" for r in rows]
-        lines.append(f"| raw pixels | {raw:.2f}% | | | | | | |")
-        write_section("Methods under a fixed CPU budget (issue 5)", "\n".join(lines) + f"""
-
-{args.budget:.0f} s of training per method (Ray-free TrainStep, 2 threads, bf16 autocast + channels_last),
-batch {args.batch}, the shipped `<method>_resnet18` config (`_vit_tiny`, patch 4, for MAE, SimMIM, BEiT,
-MaskFeat, I-JEPA) at 28 px (local crops 12 px); kNN on
-all 60,000 / 10,000 images. Peak RSS: the training process's, before evaluation.""")
+        write_table(rows, args)
     print(f"{ok}/{len(names)} methods ok")
 
 
