@@ -21,8 +21,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(__file__))
 from common import private_s3, write_section  # noqa: E402
+from methods import HALF_WIDTH  # noqa: E402
 
-COMMON = ["model.name=resnet18", "model.cifar_stem=true", "model.kwargs={channels: [32, 64, 128, 256]}", "data.batch_size=256", "scaling.num_workers=2",
+COMMON = ["model.name=resnet18", "model.cifar_stem=true", HALF_WIDTH, "data.batch_size=256", "scaling.num_workers=2",
           "eval.every_epochs=null", "eval.at_start=false", "train.checkpoint_every_epochs=0.25"]
 SIMCLR = ["method.name=simclr", "data.views.view0.size=28", "data.views.view1.size=28",
           "data.views.view0.scale=[0.4, 1.0]", "data.views.view1.scale=[0.4, 1.0]",
@@ -98,8 +99,8 @@ def main():
 
 Budget {budget:.0f} s of training per method; kNN k=20, T=0.07, cosine, memory = all 60,000 train
 images, queries = all 10,000 test images, eval-mode BN, 28 px inputs. Both: ResNet-18 (timm) with a
-CIFAR stem at half width (channels 32-64-128-256), batch 256 over 2 Ray Train workers, bf16 autocast + channels_last, AdamW, warm-up then
-cosine over the budget.
+CIFAR stem at half width (channels 32-64-128-256), batch 256 over 2 Ray Train workers, bf16
+autocast and channels_last, AdamW, warm-up then cosine over the budget.
 SimCLR: 2 views at 28 px (crop scale 0.4-1), temperature 0.1, lr 4e-3, weight decay 1e-4.
 DINO: 2 global crops at 28 px + 6 local at 12 px, 1024 prototypes, teacher momentum 0.99 -> 1,
 teacher temperature 0.04 -> 0.07 over the first 30%, last layer frozen for the first 2%, lr 1e-3,

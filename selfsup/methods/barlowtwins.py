@@ -19,7 +19,7 @@ from selfsup.methods.dist import gather_with_grad
 
 @in_fp32
 def barlow_twins_loss(z0: torch.Tensor, z1: torch.Tensor, lambd: float) -> torch.Tensor:
-    z0, z1 = gather_with_grad(z0.float()), gather_with_grad(z1.float())
+    z0, z1 = gather_with_grad(z0), gather_with_grad(z1)
     n = z0.shape[0]
     z0 = (z0 - z0.mean(0)) / z0.std(0, unbiased=False).clamp_min(1e-6)
     z1 = (z1 - z1.mean(0)) / z1.std(0, unbiased=False).clamp_min(1e-6)

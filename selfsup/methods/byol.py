@@ -9,13 +9,13 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from selfsup.methods.backbones import mlp
-from selfsup.methods.base import Method, Params, collapse_probe, cosine, ema_update, in_fp32, frozen_copy
+from selfsup.methods.base import Method, Params, collapse_probe, cosine, ema_update, frozen_copy, in_fp32
 
 
 @in_fp32
 def regression_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """2 - 2 cos(p, z), averaged over the batch; z is the target (no gradient)."""
-    return (2 - 2 * F.cosine_similarity(p.float(), z.detach().float(), dim=-1)).mean()
+    return (2 - 2 * F.cosine_similarity(p, z.detach(), dim=-1)).mean()
 
 
 class BYOLParams(Params):

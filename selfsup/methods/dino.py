@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from selfsup.methods.base import Method, Params, collapse_probe, cosine, ema_update, in_fp32, frozen_copy
+from selfsup.methods.base import Method, Params, collapse_probe, cosine, ema_update, frozen_copy, in_fp32
 from selfsup.methods.dist import world
 
 
@@ -49,8 +49,8 @@ def dino_loss(student: list[torch.Tensor], teacher: list[torch.Tensor], center: 
               student_temp: float, teacher_temp: float) -> torch.Tensor:
     """Cross-entropy between the centred, sharpened teacher distribution of each global crop and
     the student's distribution of every *other* crop, averaged over pairs and samples."""
-    targets = [F.softmax((t.float() - center) / teacher_temp, dim=-1).detach() for t in teacher]
-    logps = [F.log_softmax(s.float() / student_temp, dim=-1) for s in student]
+    targets = [F.softmax((t - center) / teacher_temp, dim=-1).detach() for t in teacher]
+    logps = [F.log_softmax(s / student_temp, dim=-1) for s in student]
     total, pairs = 0.0, 0
     for i, q in enumerate(targets):
         for j, logp in enumerate(logps):

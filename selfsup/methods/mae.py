@@ -27,7 +27,7 @@ def masked_patch_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tens
     if norm_pix:
         mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
         target = (target - mean) / (var + 1e-6).sqrt()
-    return masked_mean((pred.float() - target.float()).pow(2).mean(-1), mask)
+    return masked_mean((pred - target).pow(2).mean(-1), mask)
 
 
 class MAEParams(Params):

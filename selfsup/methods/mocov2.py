@@ -13,7 +13,7 @@ from pydantic import Field
 from torch import nn
 
 from selfsup.methods.backbones import mlp
-from selfsup.methods.base import Method, Params, collapse_probe, cosine, ema_update, in_fp32, frozen_copy
+from selfsup.methods.base import Method, Params, collapse_probe, cosine, ema_update, frozen_copy, in_fp32
 from selfsup.methods.dist import gather, world
 
 

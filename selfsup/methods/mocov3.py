@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from selfsup.methods.backbones import mlp
-from selfsup.methods.base import Method, Params, collapse_probe, cosine, ema_update, in_fp32, frozen_copy
+from selfsup.methods.base import Method, Params, collapse_probe, cosine, ema_update, frozen_copy, in_fp32
 from selfsup.methods.dist import gather, world
 
 
@@ -17,7 +17,7 @@ from selfsup.methods.dist import gather, world
 def contrastive(q: torch.Tensor, k: torch.Tensor, temperature: float) -> torch.Tensor:
     """This worker's queries against every worker's keys; the positive is the query's own key.
     Scaled by 2 * temperature as in the paper."""
-    q, k = F.normalize(q.float(), dim=1), F.normalize(k.float(), dim=1)
+    q, k = F.normalize(q, dim=1), F.normalize(k, dim=1)
     keys = gather(k)
     rank, _ = world()
     labels = torch.arange(len(q), device=q.device) + rank * len(q)

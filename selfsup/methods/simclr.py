@@ -19,7 +19,7 @@ def nt_xent(z0: torch.Tensor, z1: torch.Tensor, temperature: float) -> torch.Ten
     Each of the 2B local views is an anchor; its positive is its pair, its negatives the other
     2N - 2 views of the global batch of N pairs. Returns the mean over local anchors, so the mean
     over workers equals one worker's loss on the whole batch."""
-    z0, z1 = F.normalize(z0.float(), dim=1), F.normalize(z1.float(), dim=1)
+    z0, z1 = F.normalize(z0, dim=1), F.normalize(z1, dim=1)
     B = z0.shape[0]
     rank, _ = world()
     local = torch.cat([z0, z1])  # (2B, d)

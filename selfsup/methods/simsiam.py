@@ -14,7 +14,7 @@ from selfsup.methods.base import Method, Params, collapse_probe, in_fp32
 @in_fp32
 def negative_cosine(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """D(p, z) = -cos(p, stopgrad(z)), averaged over the batch."""
-    return -F.cosine_similarity(p.float(), z.detach().float(), dim=-1).mean()
+    return -F.cosine_similarity(p, z.detach(), dim=-1).mean()
 
 
 class SimSiamParams(Params):

@@ -26,7 +26,7 @@ def _all_reduce(x: torch.Tensor) -> torch.Tensor:
 def sinkhorn(scores: torch.Tensor, eps: float = 0.05, iters: int = 3) -> torch.Tensor:
     """Codes (B, K) for scores (B, K) of this worker's samples, balanced over the global batch:
     every prototype gets 1/K of the mass, every sample 1/B (rows of the result sum to 1)."""
-    q = torch.exp(scores.float() / eps).T  # (K, B)
+    q = torch.exp(scores / eps).T  # (K, B)
     q /= _all_reduce(q.sum())
     k, b = q.shape
     b_total = b * world()[1]
@@ -45,7 +45,7 @@ def swapped_prediction(scores: list[torch.Tensor], codes: list[torch.Tensor], te
     for i, q in enumerate(codes):
         for v, s in enumerate(scores):
             if v != i:
-                total = total - (q * F.log_softmax(s.float() / temperature, dim=1)).sum(1).mean()
+                total = total - (q * F.log_softmax(s / temperature, dim=1)).sum(1).mean()
                 pairs += 1
     return total / pairs
 

@@ -27,8 +27,8 @@ def _var_cov(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 @in_fp32
 def vicreg_loss(z0: torch.Tensor, z1: torch.Tensor, sim_w: float, var_w: float, cov_w: float) -> dict[str, torch.Tensor]:
-    inv = F.mse_loss(z0.float(), z1.float())
-    g0, g1 = gather_with_grad(z0.float()), gather_with_grad(z1.float())
+    inv = F.mse_loss(z0, z1)
+    g0, g1 = gather_with_grad(z0), gather_with_grad(z1)
     v0, c0 = _var_cov(g0)
     v1, c1 = _var_cov(g1)
     var, cov = v0 + v1, c0 + c1
