@@ -7,6 +7,7 @@ import os
 import platform
 import re
 import shlex
+import subprocess
 import sys
 import tempfile
 from datetime import datetime, timezone
@@ -32,6 +33,14 @@ def machine() -> str:
                 cpu = line.split(":", 1)[1].strip()
                 break
     return f"{os.cpu_count()} cores ({cpu}), Python {platform.python_version()}"
+
+
+def commit() -> str:
+    """The code a result was measured with: HEAD, marked when selfsup/ differs from it."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=here).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", "selfsup"], capture_output=True, text=True, cwd=here).stdout
+    return (head or "unknown") + ("+changes" if dirty.strip() else "")
 
 
 def write_section(title: str, body: str) -> None:

@@ -26,7 +26,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import write_section  # noqa: E402
+from common import commit, write_section  # noqa: E402
 
 SIZES = {"two_views": ["data.views.view0.size=28", "data.views.view1.size=28"],
          "multi_crop": ["data.views.global_view.size=28", "data.views.local_view.size=12"],
@@ -134,14 +134,6 @@ def run_one(method: str, budget: float, steps: int | None, batch: int, cache: st
 
 
 ROWS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "methods_rows.json")
-
-
-def commit() -> str:
-    """The code a row was measured with: HEAD, marked when the working tree differs from it."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=here).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--", "selfsup"], capture_output=True, text=True, cwd=here).stdout
-    return (head or "unknown") + ("+changes" if dirty.strip() else "")
 
 
 def write_table(rows: list[dict], args) -> None:

@@ -63,6 +63,17 @@ def test_dino_head_last_layer_has_unit_norm_rows():
     assert not head.last_layer.parametrizations.weight.original0.requires_grad
 
 
+def test_dino_head_bn_spreads_features_that_share_a_large_common_part():
+    # Pooled ReLU features of a young backbone are mostly one shared positive vector: a plain fresh
+    # head maps every sample to nearly the same logits (a uniform teacher after centring); BN does not.
+    x = 1 + 0.1 * torch.rand(64, 16, generator=torch.Generator().manual_seed(0))
+    spread = {}
+    for bn in (False, True):
+        torch.manual_seed(1)
+        spread[bn] = float(DINOHead(16, 32, hidden_dim=24, bottleneck_dim=8, use_bn=bn)(x).std(0).mean())
+    assert spread[False] < 0.02 and spread[True] > 0.2, spread
+
+
 def _worker(rank, world, z0, z1):
     n = len(z0) // world
     a = z0[rank * n:(rank + 1) * n].clone().requires_grad_()

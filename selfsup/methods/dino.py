@@ -21,13 +21,15 @@ class DINOHead(nn.Module):
     """MLP -> L2-normalised bottleneck -> weight-normalised linear layer to `out_dim` prototypes."""
 
     def __init__(self, in_dim: int, out_dim: int, hidden_dim: int = 2048, bottleneck_dim: int = 256,
-                 n_layers: int = 3, norm_last_layer: bool = True):
+                 n_layers: int = 3, norm_last_layer: bool = True, use_bn: bool = False):
         super().__init__()
         dims = [in_dim] + [hidden_dim] * (n_layers - 1) + [bottleneck_dim]
         layers: list[nn.Module] = []
         for i in range(len(dims) - 1):
             layers.append(nn.Linear(dims[i], dims[i + 1]))
             if i < len(dims) - 2:
+                if use_bn:
+                    layers.append(nn.BatchNorm1d(dims[i + 1]))
                 layers.append(nn.GELU())
         self.mlp = nn.Sequential(*layers)
         for m in self.mlp:
@@ -78,6 +80,9 @@ class DINOParams(Params):
     hidden_dim: int = Field(2048, ge=1)
     bottleneck_dim: int = Field(256, ge=1)
     norm_last_layer: bool = True
+    # BN in the head's MLP (DINO's --use_bn_in_head, used with ResNets): batch statistics spread the
+    # near-identical outputs of a fresh head apart, so short runs leave the uniform start sooner.
+    use_bn_in_head: bool = False
     student_temp: float = Field(0.1, gt=0)
     teacher_temp: float = Field(0.04, gt=0)  # after warm-up
     warmup_teacher_temp: float = Field(0.04, gt=0)
@@ -94,7 +99,7 @@ class DINO(Method):
     def __init__(self, backbone, feat_dim, params: DINOParams, num_samples=None):
         super().__init__(backbone, feat_dim, params, num_samples)
         self.head = DINOHead(feat_dim, params.out_dim, params.hidden_dim, params.bottleneck_dim,
-                             norm_last_layer=params.norm_last_layer)
+                             norm_last_layer=params.norm_last_layer, use_bn=params.use_bn_in_head)
         self.teacher_backbone, self.teacher_head = frozen_copy(backbone), frozen_copy(self.head)
         self.register_buffer("center", torch.zeros(1, params.out_dim))
         self.teacher_temp = params.warmup_teacher_temp
