@@ -4,9 +4,10 @@ peak memory, the final collapse probe; beside the same backbone at random init a
 
 Each method trains in its own process with the Ray-free TrainStep (the platform's own step;
 benchmarks/ray_overhead.py measures what Ray Train adds) on its shipped `<method>_resnet18`
-config (`<method>_vit_tiny` for the masked-image methods) at 28 px, views built by the pipeline's
-batched augmentations from the decoded images. The ResNet-18 runs at half width (channels
-32-64-128-256), the backbone benchmarks/knn_budget.py chose for 2 CPU cores. The random-init kNN
+config (`<method>_vit_tiny` for the masked-image methods), views built by the pipeline's batched
+augmentations from the decoded images. The ResNet-18 runs at half width (channels 32-64-128-256)
+on 20 px views (2 local crops at 10 px for multi-crop methods), the settings benchmarks/knn_budget.py
+chose for short runs on 2 CPU cores; the ViT sees 28 px. Evaluation is always at 28 px. The random-init kNN
 is computed once per distinct initial backbone (a hash of its weights): every ResNet method starts
 from the same seed-0 backbone, every ViT method from the same ViT.
 
@@ -28,8 +29,8 @@ import time
 sys.path.insert(0, os.path.dirname(__file__))
 from common import commit, write_section  # noqa: E402
 
-SIZES = {"two_views": ["data.views.view0.size=28", "data.views.view1.size=28"],
-         "multi_crop": ["data.views.global_view.size=28", "data.views.local_view.size=12"],
+SIZES = {"two_views": ["data.views.view0.size=20", "data.views.view1.size=20"],
+         "multi_crop": ["data.views.global_view.size=20", "data.views.local_view.size=10", "data.views.n_local=2"],
          "masked": ["data.views.view.size=28", "model.kwargs={img_size: 28, patch_size: 4}"]}
 HALF_WIDTH = "model.kwargs={channels: [32, 64, 128, 256]}"
 
@@ -142,7 +143,8 @@ def write_table(rows: list[dict], args) -> None:
     from selfsup.methods import METHODS
     from selfsup.platform.evaluate import knn_top1, raw_pixel_features
 
-    key = json.dumps({"label": args.label, "budget": args.budget, "batch": args.batch, "set": args.set}, sort_keys=True)
+    key = json.dumps({"label": args.label, "budget": args.budget, "batch": args.batch, "set": args.set, "views": SIZES},
+                     sort_keys=True)
     stored = json.load(open(ROWS)) if os.path.exists(ROWS) else {}
     table = stored.setdefault(key, {})
     for r in rows:
@@ -165,8 +167,9 @@ def write_table(rows: list[dict], args) -> None:
 
 {args.budget:.0f} s of training per method (Ray-free TrainStep, 2 threads, bf16 autocast + channels_last),
 batch {args.batch}, the shipped `<method>_resnet18` config (ResNet-18 with a CIFAR stem at half width,
-channels 32-64-128-256) or `<method>_vit_tiny` (patch 4) for MAE, SimMIM, BEiT, MaskFeat, I-JEPA, at
-28 px (local crops 12 px); kNN k=20, T=0.07, cosine, eval-mode BN, on all 60,000 / 10,000 images.
+channels 32-64-128-256) or `<method>_vit_tiny` (patch 4) for MAE, SimMIM, BEiT, MaskFeat, I-JEPA;
+views {"; ".join(f"{kind} `{' '.join(v)}`" for kind, v in SIZES.items())}; kNN k=20, T=0.07, cosine,
+eval-mode BN, at 28 px, on all 60,000 / 10,000 images.
 Peak RSS: the training process's, before evaluation. Rows are kept in `benchmarks/methods_rows.json`:
 a run with `--only` refreshes its methods' rows; "code" is the commit each row was measured with.""")
 
