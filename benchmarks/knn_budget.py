@@ -6,8 +6,8 @@ Protocol: weighted kNN, k=20, T=0.07, cosine; memory = all 60,000 train images, 
 data streamed from the embedded S3 server), bf16 autocast + channels_last, every schedule over the
 time budget. Backbone: ResNet-18 with a CIFAR stem at half width (channels 32-64-128-256, 2.8M
 parameters): on 2 CPU cores the full-width net sees under one epoch in 15 minutes. Training views
-are 20 px crops (evaluation stays at the data's 28 px): about 1.4x the steps of 28 px views, and
-better kNN at the same budget (tuning runs: benchmarks/RESULTS.md).
+are 20 px crops, about 1.4x the steps of 28 px views and better kNN at the same budget; the kNN
+features are taken at that size too, the platform's default (tuning runs: benchmarks/RESULTS.md).
 
     python benchmarks/knn_budget.py                 # 15 minutes per method, writes RESULTS.md
     python benchmarks/knn_budget.py --quick         # < 60 s of training, small eval, prints last
@@ -94,6 +94,13 @@ def main():
           + f", raw pixels {raw:.2f}%")
 
 
+def eval_size(overrides: list[str]) -> int:
+    from selfsup.platform.config import load_config
+
+    cfg = load_config(None, overrides)
+    return cfg.eval.image_size or cfg.view_size()
+
+
 def write_table(rows: list[dict], raw: float, args, footer: str) -> None:
     """Merge this invocation's rows into knn_budget_rows.json (one row per method for a label,
     budget and set of extra overrides: `--methods` refreshes some) and write the whole table."""
@@ -113,16 +120,18 @@ def write_table(rows: list[dict], raw: float, args, footer: str) -> None:
             lines.append(f"| {name} | {r['knn']:.2f}%{extra} | {r['random_init']:.2f}% | {r['steps']} ({r['epochs']:.2f}) "
                          f"| {r['img_s']:.1f} | {r['wall']:.0f} s | {r['commit']} |")
     lines.append(f"| raw pixels | {raw:.2f}% | | | | | |")
-    settings = "\n".join(f"- {name}: `{' '.join(table[name]['overrides'])}`" for name in SETTINGS if name in table)
+    settings = "\n".join(f"- {name} (kNN at {eval_size(table[name]['overrides'])} px): `{' '.join(table[name]['overrides'])}`"
+                         for name in SETTINGS if name in table)
     title = "kNN after a 15-minute CPU budget (issue 4c)" + (f", {args.label}" if args.label else "")
     write_section(title, "\n".join(lines) + f"""
 
 Budget {args.budget:.0f} s of training per method (`selfsup train`: Ray Train, 2 workers on this
 machine's 2 cores, data streamed from the embedded S3 server, bf16 autocast + channels_last, every
 schedule over the budget); kNN k=20, T=0.07, cosine, memory = all 60,000 train images, queries = all
-10,000 test images, eval-mode BN, at the data's 28 px whatever the training views' size. Rows are
-kept in `benchmarks/knn_budget_rows.json` (`--methods` refreshes some); "code" is the commit each
-was measured with. Each method's overrides, on top of the platform defaults:
+10,000 test images, eval-mode BN, the model's features at `eval.image_size` (by default the size
+of its training views; raw pixels at the data's 28 px). Rows are kept in
+`benchmarks/knn_budget_rows.json` (`--methods` refreshes some); "code" is the commit each was
+measured with. Each method's overrides, on top of the platform defaults:
 {settings}
 
 {footer}""")
