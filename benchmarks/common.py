@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import platform
 import re
@@ -41,6 +42,17 @@ def commit() -> str:
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=here).stdout.strip()
     dirty = subprocess.run(["git", "status", "--porcelain", "--", "selfsup"], capture_output=True, text=True, cwd=here).stdout
     return (head or "unknown") + ("+changes" if dirty.strip() else "")
+
+
+def keep_rows(path: str, key: dict, rows: dict[str, dict]) -> dict[str, dict]:
+    """Merge `rows` (by name) into the table stored under `key` in the JSON file at `path`, so a
+    re-run of some rows keeps the others; returns the whole table."""
+    stored = json.load(open(path)) if os.path.exists(path) else {}
+    table = stored.setdefault(json.dumps(key, sort_keys=True), {})
+    table.update(rows)
+    with open(path, "w") as f:
+        json.dump(stored, f, indent=1, sort_keys=True)
+    return table
 
 
 def write_section(title: str, body: str) -> None:

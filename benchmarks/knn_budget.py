@@ -16,13 +16,12 @@ features are taken at that size too, the platform's default (tuning runs: benchm
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import commit, private_s3, write_section  # noqa: E402
+from common import commit, keep_rows, private_s3, write_section  # noqa: E402
 from methods import HALF_WIDTH  # noqa: E402
 
 COMMON = ["model.name=resnet18", "model.cifar_stem=true", HALF_WIDTH, "data.batch_size=256", "scaling.num_workers=2",
@@ -68,6 +67,7 @@ def main():
     with private_s3():
         data = "s3://bench/fashion-mnist"
         write_shards(fashion_mnist(), data, ShardOptions(), progress=False, log=lambda *_: None)
+        random_init = {}
         for name in args.methods:
             overrides = [*COMMON, *SETTINGS[name], *args.set]
             cfg = load_config(None, [f"data.uri={data}", "storage.root=s3://bench/runs", f"storage.name={name.lower()}",
@@ -82,7 +82,10 @@ def main():
                    "wall": time.time() - t0, "overrides": overrides, "commit": commit()}
             if name == "DINO":
                 row["knn_teacher"] = evaluate_run(run, "knn", n_train, n_test, teacher=True)["knn_top1"]
-            row["random_init"] = evaluate_run(run, "knn", n_train, n_test, random_init=True)["knn_top1"]
+            size = eval_size(overrides)  # every method starts from the same seed-0 backbone: one kNN per size
+            if size not in random_init:
+                random_init[size] = evaluate_run(run, "knn", n_train, n_test, random_init=True)["knn_top1"]
+            row["random_init"] = random_init[size]
             rows.append(row)
             print(row, flush=True)
         tr, ty = load_labeled(data, "train", n_train)
@@ -104,13 +107,7 @@ def eval_size(overrides: list[str]) -> int:
 def write_table(rows: list[dict], raw: float, args, footer: str) -> None:
     """Merge this invocation's rows into knn_budget_rows.json (one row per method for a label,
     budget and set of extra overrides: `--methods` refreshes some) and write the whole table."""
-    key = json.dumps({"label": args.label, "budget": args.budget, "set": args.set}, sort_keys=True)
-    stored = json.load(open(ROWS)) if os.path.exists(ROWS) else {}
-    table = stored.setdefault(key, {})
-    for r in rows:
-        table[r["name"]] = r
-    with open(ROWS, "w") as f:
-        json.dump(stored, f, indent=1, sort_keys=True)
+    table = keep_rows(ROWS, {"label": args.label, "budget": args.budget, "set": args.set}, {r["name"]: r for r in rows})
     lines = ["| | kNN top-1 | same backbone, random init (seed 0) | steps (epochs) | images/s trained "
              "| wall time incl. start-up and eval | code |", "|---|---|---|---|---|---|---|"]
     for name in SETTINGS:

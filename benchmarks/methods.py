@@ -8,9 +8,9 @@ config (`<method>_vit_tiny` for the masked-image methods), views built by the pi
 augmentations from the decoded images. The ResNet-18 runs at half width (channels 32-64-128-256)
 on 20 px views (2 local crops at 10 px for multi-crop methods), the settings benchmarks/knn_budget.py
 chose for short runs on 2 CPU cores; the ViT sees 28 px. kNN features are taken at the training
-view size, as the platform does (a model trained on 20 px views scores best there). The random-init kNN
-is computed once per distinct initial backbone (a hash of its weights) and evaluation size: every ResNet method starts
-from the same seed-0 backbone, every ViT method from the same ViT.
+view size, as the platform does. The random-init kNN is computed once per distinct initial
+backbone (a hash of its weights) and evaluation size: every ResNet method starts from the same
+seed-0 backbone, every ViT method from the same ViT.
 
     python benchmarks/methods.py --budget 300        # seconds of training per method; writes RESULTS.md
     python benchmarks/methods.py --quick             # one step of every method, `N/M methods ok` last
@@ -28,7 +28,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import commit, write_section  # noqa: E402
+from common import commit, keep_rows, write_section  # noqa: E402
 
 SIZES = {"two_views": ["data.views.view0.size=20", "data.views.view1.size=20"],
          "multi_crop": ["data.views.global_view.size=20", "data.views.local_view.size=10", "data.views.n_local=2"],
@@ -146,14 +146,8 @@ def write_table(rows: list[dict], args) -> None:
     from selfsup.methods import METHODS
     from selfsup.platform.evaluate import knn_top1, raw_pixel_features
 
-    key = json.dumps({"label": args.label, "budget": args.budget, "batch": args.batch, "set": args.set, "views": SIZES},
-                     sort_keys=True)
-    stored = json.load(open(ROWS)) if os.path.exists(ROWS) else {}
-    table = stored.setdefault(key, {})
-    for r in rows:
-        table[r["method"]] = {**r, "commit": commit()}
-    with open(ROWS, "w") as f:
-        json.dump(stored, f, indent=1, sort_keys=True)
+    key = {"label": args.label, "budget": args.budget, "batch": args.batch, "set": args.set, "views": SIZES}
+    table = keep_rows(ROWS, key, {r["method"]: {**r, "commit": commit()} for r in rows})
     rows = [table[m] for m in METHODS if m in table]
     tr, ty = fashion("train")
     te, tey = fashion("test")

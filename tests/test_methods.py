@@ -298,7 +298,8 @@ def test_short_run_on_real_images_has_no_nan_and_no_collapse(method):
     torch.manual_seed(0)
     extra = {"swav": ["method.n_prototypes=64", "method.queue_length=64", "method.queue_start_fraction=0.3"],
              "deepclusterv2": ["method.n_prototypes=[8,12]", "method.recluster_every_steps=2"],
-             "dino": ["method.out_dim=256", "method.use_bn_in_head=true"], "mocov2": ["method.queue_size=64"], "beit": ["method.vocab_size=16"],
+             "dino": ["method.out_dim=256", "method.use_bn_in_head=true"], "mocov2": ["method.queue_size=64"],
+             "beit": ["method.vocab_size=16"],
              "mae": ["method.decoder_dim=32", "method.decoder_depth=1"], "ijepa": ["method.pred_dim=24", "method.pred_depth=1"]
              }.get(method, [])
     cfg = _tiny(method, *extra)
