@@ -27,7 +27,8 @@ from methods import HALF_WIDTH  # noqa: E402
 COMMON = ["model.name=resnet18", "model.cifar_stem=true", HALF_WIDTH, "data.batch_size=256", "scaling.num_workers=2",
           "eval.every_epochs=null", "eval.at_start=false", "train.checkpoint_every_epochs=0.25"]
 SIMCLR = ["method.name=simclr", "data.views.view0.size=20", "data.views.view1.size=20",
-          "data.views.view0.scale=[0.6, 1.0]", "data.views.view1.scale=[0.6, 1.0]",
+          "data.views.view0.scale=[0.9, 1.0]", "data.views.view1.scale=[0.9, 1.0]",
+          "data.views.view0.jitter_strength=1.0", "data.views.view1.jitter_strength=1.0",
           "method.temperature=0.1", "optim.lr=0.004", "optim.warmup_fraction=0.1", "optim.weight_decay=0.0001"]
 DINO = ["method.name=dino", "data.views.global_view.size=20", "data.views.local_view.size=10", "data.views.n_local=2",
         "method.out_dim=1024", "method.use_bn_in_head=true", "method.momentum_teacher=0.99", "method.teacher_temp=0.07",

@@ -13,6 +13,7 @@ backbone (a hash of its weights) and evaluation size: every ResNet method starts
 seed-0 backbone, every ViT method from the same ViT.
 
     python benchmarks/methods.py --budget 300        # seconds of training per method; writes RESULTS.md
+    python benchmarks/methods.py --steps 400 --only simclr --set KEY=VALUE ...  # settings compared by steps
     python benchmarks/methods.py --quick             # one step of every method, `N/M methods ok` last
 """
 
@@ -69,9 +70,11 @@ def weights_hash(module) -> str:
     return h.hexdigest()[:16]
 
 
-def run_one(method: str, budget: float, steps: int | None, batch: int, cache: str | None, extra: list[str]) -> dict:
+def run_one(method: str, budget: float, steps: int | None, batch: int, cache: str | None, extra: list[str],
+            evaluate: bool = True) -> dict:
     """In a subprocess: train `method` for `budget` seconds (or `steps`), then evaluate. `cache`: a
-    JSON file of random-init kNN by initial-backbone hash, shared by the methods of one table."""
+    JSON file of random-init kNN by initial-backbone hash, shared by the methods of one table.
+    Each epoch visits every train image once, in a seeded order."""
     import torch
 
     from selfsup.methods import METHODS
@@ -102,21 +105,24 @@ def run_one(method: str, budget: float, steps: int | None, batch: int, cache: st
     progress = Progress(cfg, steps_per_epoch=len(images) // batch)
     g = torch.Generator().manual_seed(0)
     n, elapsed, out = 0, 0.0, {}
+    per_epoch = len(images) // batch
     m.start_epoch(0)
     while not progress.done(n, elapsed):
-        idx = torch.randint(0, len(images), (batch,), generator=g)
+        if n % per_epoch == 0:
+            order = torch.randperm(len(images), generator=g)
+        idx = order[n % per_epoch * batch:(n % per_epoch + 1) * batch]
         t0 = time.perf_counter()
         views = make_views([images[i] for i in idx], cfg.data.views, g)
         views["index"] = idx
         out = step(views, progress(n, elapsed))
         elapsed += time.perf_counter() - t0
         n += 1
-        if n % (len(images) // batch) == 0:
-            m.start_epoch(n // (len(images) // batch))
+        if n % per_epoch == 0:
+            m.start_epoch(n // per_epoch)
     res = {"method": method, "steps": n, "images_per_s": n * batch / elapsed, "loss": out["loss"],
            "embed_std": out["embed_std"], "embed_rank": out["embed_rank"]}
     res["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # training's peak
-    if steps:  # --quick: training only
+    if not evaluate:  # --quick: training only
         return res
     test, test_y = fashion("test")
     size = cfg.eval.image_size or cfg.view_size()  # as the platform evaluates: at the training view size
@@ -147,6 +153,8 @@ def write_table(rows: list[dict], args) -> None:
     from selfsup.platform.evaluate import knn_top1, raw_pixel_features
 
     key = {"label": args.label, "budget": args.budget, "batch": args.batch, "set": args.set, "views": SIZES}
+    if args.steps:  # absent from time-budgeted keys, so the rows kept before this option still match
+        key = {**key, "budget": None, "steps": args.steps}
     table = keep_rows(ROWS, key, {r["method"]: {**r, "commit": commit()} for r in rows})
     rows = [table[m] for m in METHODS if m in table]
     tr, ty = fashion("train")
@@ -162,7 +170,7 @@ def write_table(rows: list[dict], args) -> None:
     title = "Methods under a fixed CPU budget (issue 5)" + (f", {args.label}" if args.label else "")
     write_section(title, "\n".join(lines) + extra + f"""
 
-{args.budget:.0f} s of training per method (Ray-free TrainStep, 2 threads, bf16 autocast + channels_last),
+{f"{args.steps} steps" if args.steps else f"{args.budget:.0f} s"} of training per method (Ray-free TrainStep, 2 threads, bf16 autocast + channels_last),
 batch {args.batch}, the shipped `<method>_resnet18` config (ResNet-18 with a CIFAR stem at half width,
 channels 32-64-128-256) or `<method>_vit_tiny` (patch 4) for MAE, SimMIM, BEiT, MaskFeat, I-JEPA;
 views {"; ".join(f"{kind} `{' '.join(v)}`" for kind, v in SIZES.items())}; kNN k=20, T=0.07, cosine,
@@ -174,7 +182,9 @@ a run with `--only` refreshes its methods' rows; "code" is the commit each row w
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--budget", type=float, default=300.0)
+    ap.add_argument("--budget", type=float, default=300.0, help="seconds of training per method")
+    ap.add_argument("--steps", type=int, help="train each method for this many steps instead of --budget seconds: "
+                    "comparisons that this machine's varying CPU speed cannot move")
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--only", nargs="*", help="a subset of methods")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra overrides for every method")
@@ -183,8 +193,8 @@ def main():
     ap.add_argument("--cache", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(run_one(args.child, args.budget, 1 if args.quick else None, 32 if args.quick else args.batch,
-                                 args.cache, args.set)))
+        print(json.dumps(run_one(args.child, args.budget, 1 if args.quick else args.steps,
+                                 32 if args.quick else args.batch, args.cache, args.set, evaluate=not args.quick)))
         return
 
     from selfsup.methods import METHODS
@@ -195,7 +205,7 @@ def main():
     os.unlink(cache)
     for name in names:
         cmd = [sys.executable, __file__, "--child", name, "--budget", str(args.budget), "--batch", str(args.batch),
-               "--cache", cache, "--set", *args.set]
+               "--cache", cache, "--set", *args.set] + (["--steps", str(args.steps)] if args.steps else [])
         cmd += ["--quick"] if args.quick else []
         t0 = time.time()
         r = subprocess.run(cmd, capture_output=True, text=True)
