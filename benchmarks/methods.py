@@ -6,9 +6,9 @@ Each method trains in its own process with the Ray-free TrainStep (the platform'
 benchmarks/ray_overhead.py measures what Ray Train adds) on its shipped `<method>_resnet18`
 config (`<method>_vit_tiny` for the masked-image methods), views built by the pipeline's batched
 augmentations from the decoded images. The ResNet-18 runs at half width (channels 32-64-128-256)
-on 20 px views (2 local crops at 10 px for multi-crop methods), the settings benchmarks/knn_budget.py
-chose for short runs on 2 CPU cores; the ViT sees 28 px. kNN features are taken at the training
-view size, as the platform does. The random-init kNN is computed once per distinct initial
+on 20 px views (two views: crop scale 0.9-1, colour jitter strength 1.0; multi-crop: 2 local crops
+at 10 px), the settings benchmarks/knn_budget.py chose for short runs on 2 CPU cores; the ViT sees
+28 px. kNN features are taken at the training view size, as the platform does. The random-init kNN is computed once per distinct initial
 backbone (a hash of its weights) and evaluation size: every ResNet method starts from the same
 seed-0 backbone, every ViT method from the same ViT.
 
@@ -31,7 +31,11 @@ import time
 sys.path.insert(0, os.path.dirname(__file__))
 from common import commit, keep_rows, write_section  # noqa: E402
 
-SIZES = {"two_views": ["data.views.view0.size=20", "data.views.view1.size=20"],
+# Short-run views (chosen for SimCLR and DINO, benchmarks/RESULTS.md): two views are nearly whole
+# images, since Fashion-MNIST's items are centred and kNN sees whole images.
+VIEWS = {"two_views": ["data.views.view0.size=20", "data.views.view1.size=20", "data.views.view0.scale=[0.9, 1.0]",
+                       "data.views.view1.scale=[0.9, 1.0]", "data.views.view0.jitter_strength=1.0",
+                       "data.views.view1.jitter_strength=1.0"],
          "multi_crop": ["data.views.global_view.size=20", "data.views.local_view.size=10", "data.views.n_local=2"],
          "masked": ["data.views.view.size=28", "model.kwargs={img_size: 28, patch_size: 4}"]}
 HALF_WIDTH = "model.kwargs={channels: [32, 64, 128, 256]}"
@@ -87,7 +91,7 @@ def run_one(method: str, budget: float, steps: int | None, batch: int, cache: st
     kind = METHODS[method].view_kind
     length = f"schedule.steps={steps}" if steps else f"schedule.time_budget_s={budget}"
     name = config_name(method)
-    cfg = load_config(name, [length, f"data.batch_size={batch}", *SIZES[kind], *([HALF_WIDTH] if "resnet" in name else []), *extra])
+    cfg = load_config(name, [length, f"data.batch_size={batch}", *VIEWS[kind], *([HALF_WIDTH] if "resnet" in name else []), *extra])
     images, labels = fashion("train")
     m = build_method(cfg, num_samples=len(images))
     init_hash = weights_hash(m.backbone)
@@ -152,7 +156,7 @@ def write_table(rows: list[dict], args) -> None:
     from selfsup.methods import METHODS
     from selfsup.platform.evaluate import knn_top1, raw_pixel_features
 
-    key = {"label": args.label, "budget": args.budget, "batch": args.batch, "set": args.set, "views": SIZES}
+    key = {"label": args.label, "budget": args.budget, "batch": args.batch, "set": args.set, "views": VIEWS}
     if args.steps:  # absent from time-budgeted keys, so the rows kept before this option still match
         key = {**key, "budget": None, "steps": args.steps}
     table = keep_rows(ROWS, key, {r["method"]: {**r, "commit": commit()} for r in rows})
@@ -173,7 +177,7 @@ def write_table(rows: list[dict], args) -> None:
 {f"{args.steps} steps" if args.steps else f"{args.budget:.0f} s"} of training per method (Ray-free TrainStep, 2 threads, bf16 autocast + channels_last),
 batch {args.batch}, the shipped `<method>_resnet18` config (ResNet-18 with a CIFAR stem at half width,
 channels 32-64-128-256) or `<method>_vit_tiny` (patch 4) for MAE, SimMIM, BEiT, MaskFeat, I-JEPA;
-views {"; ".join(f"{kind} `{' '.join(v)}`" for kind, v in SIZES.items())}; kNN k=20, T=0.07, cosine,
+views {"; ".join(f"{kind} `{' '.join(v)}`" for kind, v in VIEWS.items())}; kNN k=20, T=0.07, cosine,
 eval-mode BN, at the training view size, on all 60,000 / 10,000 images.
 Peak RSS: the training process's, before evaluation. Rows are kept in `benchmarks/methods_rows.json`:
 a run with `--only` refreshes its methods' rows; "code" is the commit each row was measured with.""")
