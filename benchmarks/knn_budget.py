@@ -29,9 +29,12 @@ COMMON = ["model.name=resnet18", "model.cifar_stem=true", HALF_WIDTH, "data.batc
           "eval.every_epochs=null", "eval.at_start=false", "train.checkpoint_every_epochs=0.25"]
 SIMCLR = ["method.name=simclr", *VIEWS["two_views"], "method.temperature=0.1", "optim.lr=0.004",
           "optim.warmup_fraction=0.1", "optim.weight_decay=0.0001"]
-DINO = ["method.name=dino", *VIEWS["multi_crop"], "method.out_dim=1024", "method.use_bn_in_head=true", "method.momentum_teacher=0.99", "method.teacher_temp=0.07",
-        "method.warmup_teacher_temp=0.04", "method.warmup_teacher_temp_fraction=0.3",
-        "method.freeze_last_layer_fraction=0.02", "optim.lr=0.001", "optim.warmup_fraction=0.1",
+# DINO without local crops: within this budget, more steps on two near-whole views beat multi-crop.
+DINO = ["method.name=dino", "data.views.global_view.size=20", "data.views.n_local=0",
+        "data.views.global_view.scale=[0.9, 1.0]", "data.views.global_view.jitter_strength=1.0",
+        "method.out_dim=1024", "method.use_bn_in_head=true", "method.momentum_teacher=0.99",
+        "method.warmup_teacher_temp=0.02", "method.teacher_temp=0.04", "method.warmup_teacher_temp_fraction=0.3",
+        "method.freeze_last_layer_fraction=0.02", "optim.lr=0.003", "optim.warmup_fraction=0.1",
         "optim.weight_decay=0.04", "optim.weight_decay_end=0.4"]
 
 
