@@ -6,9 +6,10 @@ Protocol: weighted kNN, k=20, T=0.07, cosine; memory = all 60,000 train images, 
 data streamed from the embedded S3 server), bf16 autocast + channels_last, every schedule over the
 time budget. Backbone: ResNet-18 with a CIFAR stem at half width (channels 32-64-128-256, 2.8M
 parameters): on 2 CPU cores the full-width net sees under one epoch in 15 minutes. Training views
-are 20 px crops, about 1.4x the steps of 28 px views and better kNN at the same budget; SimCLR's
-cover 90-100% of the image (the items are centred, and kNN sees whole images); the kNN features
-are taken at 20 px too, the platform's default (tuning runs: benchmarks/RESULTS.md).
+are 20 px crops, about 1.4x the steps of 28 px views and better kNN at the same budget; both methods
+train on two views that cover 90-100% of the image (the items are centred, and kNN sees whole
+images; DINO without local crops); the kNN features are taken at 20 px too, the platform's
+default (tuning runs: benchmarks/RESULTS.md).
 
     python benchmarks/knn_budget.py                 # 15 minutes per method, writes RESULTS.md
     python benchmarks/knn_budget.py --quick         # < 60 s of training, small eval, prints last
