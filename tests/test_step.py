@@ -53,8 +53,10 @@ def test_ema_update():
 @pytest.mark.parametrize("method", ["simclr", "dino"])
 def test_train_step_runs_without_ray_and_learns(method):
     torch.manual_seed(0)
-    extra = ["data.views.global_view.size=16", "data.views.local_view.size=8", "data.views.n_local=2"] if method == "dino" \
-        else ["data.views.view0.size=16", "data.views.view1.size=16"]
+    # Views of 24 px and more: on 16 px views (1x1 maps from resnet10t's second stage on), this
+    # torch's CPU bf16 backward now and then gives garbage gradients (nondeterministic; fp32 is exact).
+    extra = ["data.views.global_view.size=32", "data.views.local_view.size=24", "data.views.n_local=2"] if method == "dino" \
+        else ["data.views.view0.size=32", "data.views.view1.size=32"]
     cfg = load_config(None, [f"method.name={method}", *TINY, *extra, "optim.warmup_fraction=0"])
     m = build_method(cfg)
     step = TrainStep(m, cfg, torch.device("cpu"))
