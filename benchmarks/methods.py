@@ -8,9 +8,9 @@ config (`<method>_vit_tiny` for the masked-image methods), views built by the pi
 augmentations from the decoded images. The ResNet-18 runs at half width (channels 32-64-128-256)
 on 20 px views (two views: crop scale 0.9-1, colour jitter strength 1.0; multi-crop: 2 local crops
 at 10 px), the settings benchmarks/knn_budget.py chose for short runs on 2 CPU cores; the ViT sees
-28 px. kNN features are taken at the training view size, as the platform does. The random-init kNN is computed once per distinct initial
-backbone (a hash of its weights) and evaluation size: every ResNet method starts from the same
-seed-0 backbone, every ViT method from the same ViT.
+28 px. kNN features are taken at the training view size, as the platform does. The random-init
+kNN is computed once per distinct initial backbone (a hash of its weights) and evaluation size:
+every ResNet method starts from the same seed-0 backbone, every ViT method from the same ViT.
 
     python benchmarks/methods.py --budget 300        # seconds of training per method; writes RESULTS.md
     python benchmarks/methods.py --steps 400 --only simclr --set KEY=VALUE ...  # settings compared by steps
@@ -106,10 +106,10 @@ def run_one(method: str, budget: float, steps: int | None, batch: int, cache: st
         torch.save(fit_codebook(x["image"], m.patch, cfg.method_params()["vocab_size"]), buf)
         m.load_tokenizer(buf.getvalue())
     step = TrainStep(m, cfg, torch.device("cpu"))
-    progress = Progress(cfg, steps_per_epoch=len(images) // batch)
+    per_epoch = len(images) // batch
+    progress = Progress(cfg, steps_per_epoch=per_epoch)
     g = torch.Generator().manual_seed(0)
     n, elapsed, out = 0, 0.0, {}
-    per_epoch = len(images) // batch
     m.start_epoch(0)
     while not progress.done(n, elapsed):
         if n % per_epoch == 0:
@@ -174,8 +174,8 @@ def write_table(rows: list[dict], args) -> None:
     title = "Methods under a fixed CPU budget (issue 5)" + (f", {args.label}" if args.label else "")
     write_section(title, "\n".join(lines) + extra + f"""
 
-{f"{args.steps} steps" if args.steps else f"{args.budget:.0f} s"} of training per method (Ray-free TrainStep, 2 threads, bf16 autocast + channels_last),
-batch {args.batch}, the shipped `<method>_resnet18` config (ResNet-18 with a CIFAR stem at half width,
+{f"{args.steps} steps" if args.steps else f"{args.budget:.0f} s"} of training per method (Ray-free TrainStep, 2 threads, bf16
+autocast + channels_last), batch {args.batch}, the shipped `<method>_resnet18` config (ResNet-18 with a CIFAR stem at half width,
 channels 32-64-128-256) or `<method>_vit_tiny` (patch 4) for MAE, SimMIM, BEiT, MaskFeat, I-JEPA;
 views {"; ".join(f"{kind} `{' '.join(v)}`" for kind, v in VIEWS.items())}; kNN k=20, T=0.07, cosine,
 eval-mode BN, at the training view size, on all 60,000 / 10,000 images.

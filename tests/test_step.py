@@ -53,7 +53,7 @@ def test_ema_update():
 @pytest.mark.parametrize("method", ["simclr", "dino"])
 def test_train_step_runs_without_ray_and_learns(method):
     torch.manual_seed(0)
-    # Views of 24 px and more: on 16 px views (1x1 maps from resnet10t's second stage on), this
+    # Views of 24 px and more: on 16 px views (1x1 maps in resnet10t's later stages), this
     # torch's CPU bf16 backward now and then gives garbage gradients (nondeterministic; fp32 is exact).
     extra = ["data.views.global_view.size=32", "data.views.local_view.size=24", "data.views.n_local=2"] if method == "dino" \
         else ["data.views.view0.size=32", "data.views.view1.size=32"]
