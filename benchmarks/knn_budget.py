@@ -26,16 +26,17 @@ sys.path.insert(0, os.path.dirname(__file__))
 from common import commit, keep_rows, private_s3, write_section  # noqa: E402
 from methods import HALF_WIDTH, VIEWS  # noqa: E402
 
-COMMON = ["model.name=resnet18", "model.cifar_stem=true", HALF_WIDTH, "data.batch_size=256", "scaling.num_workers=2",
+COMMON = ["model.name=resnet18", "model.cifar_stem=true", HALF_WIDTH, "scaling.num_workers=2",
           "eval.every_epochs=null", "eval.at_start=false", "train.checkpoint_every_epochs=0.25"]
-SIMCLR = ["method.name=simclr", *VIEWS["two_views"], "method.temperature=0.1", "optim.lr=0.004",
+SIMCLR = ["method.name=simclr", "data.batch_size=256", *VIEWS["two_views"], "method.temperature=0.1", "optim.lr=0.004",
           "optim.warmup_fraction=0.1", "optim.weight_decay=0.0001"]
-# DINO without local crops: within this budget, more steps on two near-whole views beat multi-crop.
-DINO = ["method.name=dino", "data.views.global_view.size=20", "data.views.n_local=0",
-        "data.views.global_view.scale=[0.9, 1.0]", "data.views.global_view.jitter_strength=1.0",
-        "method.out_dim=1024", "method.use_bn_in_head=true", "method.momentum_teacher=0.99",
+# DINO without local crops (within this budget, more steps on two large crops beat multi-crop), on
+# batches of 128: twice the updates for the same images, measured better at equal images.
+DINO = ["method.name=dino", "data.batch_size=128", "data.views.global_view.size=20", "data.views.n_local=0",
+        "data.views.global_view.scale=[0.7, 1.0]", "data.views.global_view.jitter_strength=1.0",
+        "method.out_dim=1024", "method.use_bn_in_head=true", "method.momentum_teacher=0.98",
         "method.warmup_teacher_temp=0.02", "method.teacher_temp=0.04", "method.warmup_teacher_temp_fraction=0.3",
-        "method.freeze_last_layer_fraction=0.02", "optim.lr=0.003", "optim.warmup_fraction=0.1",
+        "method.freeze_last_layer_fraction=0.02", "optim.lr=0.01", "optim.warmup_fraction=0.1",
         "optim.weight_decay=0.04", "optim.weight_decay_end=0.4"]
 
 
