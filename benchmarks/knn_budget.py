@@ -28,11 +28,11 @@ from methods import HALF_WIDTH, VIEWS  # noqa: E402
 
 COMMON = ["model.name=resnet18", "model.cifar_stem=true", HALF_WIDTH,
           "eval.every_epochs=null", "eval.at_start=false", "train.checkpoint_every_epochs=0.25"]
-SIMCLR = ["method.name=simclr", "scaling.num_workers=2", "data.batch_size=256", *VIEWS["two_views"], "method.temperature=0.1", "optim.lr=0.004",
-          "optim.warmup_fraction=0.1", "optim.weight_decay=0.0001"]
+SIMCLR = ["method.name=simclr", "scaling.num_workers=2", "data.batch_size=256", *VIEWS["two_views"],
+          "method.temperature=0.1", "optim.lr=0.004", "optim.warmup_fraction=0.1", "optim.weight_decay=0.0001"]
 # DINO without local crops (within this budget, more steps on two large crops beat multi-crop), on
 # batches of 128 (twice the updates for the same images, measured better at equal images), in one
-# worker with both cores' threads: 1.35x the images/s of two 1-thread DDP workers on this machine.
+# worker with both cores' threads: 1.2-1.3x the images/s of two 1-thread DDP workers on this machine.
 DINO = ["method.name=dino", "scaling.num_workers=1", "scaling.cpus_per_worker=1", "scaling.torch_threads=2",
         "data.batch_size=128", "data.views.global_view.size=20", "data.views.n_local=0",
         "data.views.global_view.scale=[0.7, 1.0]", "data.views.global_view.jitter_strength=1.0",
@@ -129,8 +129,8 @@ def write_table(rows: list[dict], raw: float, args, footer: str) -> None:
     write_section(title, "\n".join(lines) + f"""
 
 Budget {args.budget:.0f} s of training per method (`selfsup train`: Ray Train on this machine's 2
-cores, workers as in each method's overrides below, data streamed from the embedded S3 server, bf16 autocast + channels_last, every
-schedule over the budget); kNN k=20, T=0.07, cosine, memory = all 60,000 train images, queries = all
+cores, workers as in each method's overrides below, data streamed from the embedded S3 server, bf16
+autocast + channels_last, every schedule over the budget); kNN k=20, T=0.07, cosine, memory = all 60,000 train images, queries = all
 10,000 test images, eval-mode BN, the model's features at `eval.image_size` (by default the size
 of its training views; raw pixels at the data's 28 px). Rows are kept in
 `benchmarks/knn_budget_rows.json` (`--methods` refreshes some); "code" is the commit each was
