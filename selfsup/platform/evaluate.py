@@ -98,11 +98,13 @@ def linear_probe(train_f: torch.Tensor, train_y: torch.Tensor, test_f: torch.Ten
         return 100.0 * float((layer(xt).argmax(1) == test_y).float().mean())
 
 
-def raw_pixel_features(images: list[torch.Tensor], size: int | None = None) -> torch.Tensor:
-    """The baseline every method must beat: L2-normalised raw pixels."""
+def raw_pixel_features(images: list[torch.Tensor], size: int | None = None, centre: bool = True) -> torch.Tensor:
+    """The baseline every method must beat: raw pixels, each image centred (its mean pixel
+    subtracted, so cosine similarity is their correlation), L2-normalised. Centring makes the
+    stronger baseline (Fashion-MNIST: 85.18% against 84.59% with `centre=False`)."""
     x = torch.stack(images).float() if size is None else make_views(images, Plain(size=size), torch.Generator())["image"].float()
     x = x.flatten(1)
-    return F.normalize(x - x.mean(1, keepdim=True), dim=1)
+    return F.normalize(x - x.mean(1, keepdim=True) if centre else x, dim=1)
 
 
 def resolve_run(run: str, root: str) -> str:
