@@ -66,6 +66,7 @@ def main():
     from ray.train.torch import TorchTrainer
 
     from selfsup.platform.config import load_config
+    from selfsup.platform.process_group import LocalStoreTorchConfig
 
     steps, warmup = (8, 2) if args.quick else (args.steps, 5)
     threads = os.cpu_count()
@@ -80,6 +81,7 @@ def main():
             out = os.path.join(tmp, "rate")
             TorchTrainer(ray_func, train_loop_config={"cfg": cfg, "batches": batches, "warmup": warmup,
                                                       "threads": threads, "out": out},
+                         torch_config=LocalStoreTorchConfig(),  # as selfsup train sets up its workers
                          scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": threads}),
                          run_config=RunConfig(storage_path=os.path.join(tmp, "runs"), name="overhead")).fit()
             in_ray = float(open(out).read())

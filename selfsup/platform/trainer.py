@@ -50,6 +50,7 @@ def train(cfg: Config, log=print) -> dict:
     from ray.train.torch import TorchTrainer
 
     from selfsup.pipelines.streaming import data_health_actor, read_split
+    from selfsup.platform.process_group import LocalStoreTorchConfig
     from selfsup.platform.train_loop import train_func
 
     needs_s3 = is_s3(cfg.data.uri) or is_s3(cfg.storage.root)
@@ -93,6 +94,7 @@ def train(cfg: Config, log=print) -> dict:
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "ep": dataclasses.asdict(ep) if ep else None,
                            "run_uri": run_uri, "health": health_name, "n_train": n_train},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=bool(s.gpus_per_worker), resources_per_worker=resources),
+        torch_config=LocalStoreTorchConfig(),  # DDP's rendezvous store on the node's address, not the wildcard
         datasets={"train": ds},
         run_config=RunConfig(
             name=name, storage_path=root_path, storage_filesystem=fs,
