@@ -3,7 +3,8 @@
 Ray Train's `TorchConfig` lets `torch.distributed` start its TCPStore on rank 0, and that store
 listens on every interface (the wildcard address). Here rank 0 binds the listening socket itself,
 to the address Ray knows its node by (127.0.0.1 on a local cluster), and hands it to the store;
-the other ranks connect to it, and the process group is built on that store."""
+the other ranks connect to it, and the process group is built on that store. It extends Ray's
+private `_TorchBackend` (Ray is pinned in pyproject.toml), whose start-up this replaces."""
 
 from __future__ import annotations
 
