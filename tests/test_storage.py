@@ -3,6 +3,7 @@ import socket
 import stat
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -33,7 +34,7 @@ def test_embedded_server_lifecycle_keeps_data(tmp_path):
     assert not server.status()["running"]
     ep2 = server.up()
     try:
-        assert ep2.access_key == ep.access_key  # credentials generated once
+        assert ep2 == ep  # same keys and ports: an exported `storage env` stays valid
         assert open_store("s3://keep/x", ep2).read("a.txt") == b"hello"
     finally:
         server.down()
@@ -89,3 +90,93 @@ def test_every_subcommand_has_help():
     for name in names:
         r = _cli(name, "--help")
         assert r.returncode == 0 and "usage: selfsup" in r.stdout, name
+
+
+def _http(url, method="GET", data=None, context=None):
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, data=data, method=method), timeout=10, context=context) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, b""
+    except OSError as e:  # TLS refused, connection reset
+        return type(e).__name__, b""
+
+
+def test_embedded_server_serves_data_only_through_s3_with_keys(tmp_path):
+    """What another local user could try: every weed port but S3 refuses unsigned requests."""
+    import ssl
+    import time
+
+    server = EmbeddedS3(tmp_path)
+    ep = server.up()
+    try:
+        store = open_store("s3://private/p", ep, create=True)
+        store.write("manifest.json", b"{}")
+        ports = server._state()["ports"]
+        filer, master = ports["filer.port"], ports["master.port"]
+        obj = f"http://127.0.0.1:{filer}/buckets/private/p/manifest.json"
+        assert _http(obj)[0] == 401
+        assert _http(f"http://127.0.0.1:{filer}/buckets/private/p/")[0] == 401
+        assert _http(f"http://127.0.0.1:{filer}/buckets/private/p/evil.txt", "PUT", b"x")[0] == 401
+        assert _http(obj, "DELETE")[0] == 401
+        # The master's HTTP API (which could drop a bucket's volumes) wants a client certificate.
+        no_cert = ssl.create_default_context()
+        no_cert.check_hostname, no_cert.verify_mode = False, ssl.CERT_NONE
+        assert _http(f"http://127.0.0.1:{master}/col/delete?collection=private")[0] == 400
+        assert _http(f"https://127.0.0.1:{master}/col/delete?collection=private", context=no_cert)[0] == "SSLError"
+        # Every gRPC port: mutual TLS, so a client without the certificate gets no further than the handshake.
+        for flag in ("master.port.grpc", "volume.port.grpc", "filer.port.grpc", "s3.port.grpc", "admin.port.grpc"):
+            with socket.create_connection(("127.0.0.1", ports[flag]), timeout=5) as raw:
+                with pytest.raises(ssl.SSLError, match="CERTIFICATE_REQUIRED"):
+                    with no_cert.wrap_socket(raw) as tls:
+                        tls.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+                        tls.recv(1)
+        assert store.read("manifest.json") == b"{}" and store.list() == ["manifest.json"]
+        # Private to the user: every folder 0700 (so no file is reachable), our own files 0600.
+        for dirpath, dirnames, filenames in os.walk(server.root):
+            for d in dirnames:
+                assert stat.S_IMODE(os.lstat(os.path.join(dirpath, d)).st_mode) == 0o700, os.path.join(dirpath, d)
+        assert stat.S_IMODE(server.root.stat().st_mode) == 0o700
+        for f in ("credentials.json", "env", "security.toml", "s3.json", "ports.json", "server.json", "tls/tls.key",
+                  "logs/weed.log"):
+            assert stat.S_IMODE((server.root / f).stat().st_mode) == 0o600, f
+        # weed's own logs stay under the storage folder, not in /tmp.
+        pid = server._state()["pid"]
+        assert not list(Path("/tmp").glob(f"weed.*.{pid}"))
+        assert list(server.logs.glob(f"weed.*.{pid}"))
+        # The plugin worker finds the admin gRPC port it dials (HTTP port + 10000) instead of
+        # retrying every 5 s forever.
+        assert ports["admin.port.grpc"] == ports["admin.port"] + 10000 <= 65535
+        time.sleep(6)
+        log = server.log_file.read_text(errors="replace")
+        assert "Reconnection attempt" not in log and "invalid port" not in log
+    finally:
+        server.down()
+
+
+def test_down_and_status_never_take_another_process_for_the_server(tmp_path):
+    """A stale server.json whose pid now belongs to another process: not running, not signalled."""
+    import json
+
+    server = EmbeddedS3(tmp_path)
+    server.up()
+    state = server._state()
+    assert server.down()
+    other = subprocess.Popen(["sleep", "60"])
+    try:
+        server.state_file.write_text(json.dumps({**state, "pid": other.pid}))
+        assert server.status()["running"] is False
+        assert server.endpoint() is None
+        assert server.down() is False
+        assert other.poll() is None  # still alive
+        # `up` starts a real server instead of trusting the stale file
+        ep = server.up()
+        assert server._state()["pid"] != other.pid and open_store("s3://fresh/x", ep, create=True).list() == []
+        server.down()
+        assert other.poll() is None
+    finally:
+        other.kill()
+        other.wait()

