@@ -27,7 +27,7 @@ from torch import nn
 
 
 class Params(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class Method(nn.Module):

@@ -23,8 +23,8 @@ import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
-from selfsup.pipelines.sources import Source, UnreadableImage
-from selfsup.pipelines.storage import Endpoint, Store, StorageError, open_store
+from selfsup.pipelines.sources import Source, SourceError, UnreadableImage
+from selfsup.pipelines.storage import Endpoint, Store, StorageError, check_key, open_store
 
 FORMAT = "selfsup-webdataset"
 VERSION = 1
@@ -70,10 +70,28 @@ def load_manifest(dest: str, ep: Endpoint | None = None, store: Store | None = N
         raise ManifestError(f"no manifest at {store.url(MANIFEST)}: shard a data set there with `selfsup shard`") from None
     except ValueError as e:
         raise ManifestError(f"manifest at {store.url(MANIFEST)} is not valid JSON: {e}") from None
-    if m.get("format") != FORMAT or m.get("version") != VERSION:
+    if not isinstance(m, dict) or m.get("format") != FORMAT or m.get("version") != VERSION:
+        m = m if isinstance(m, dict) else {}
         raise ManifestError(f"manifest at {store.url(MANIFEST)} has format {m.get('format')!r} version "
                             f"{m.get('version')!r}; this selfsup reads {FORMAT!r} version {VERSION}")
+    _shard_entries(m, store.url(MANIFEST))
     return m
+
+
+def _shard_entries(m: dict, where: str) -> list[dict]:
+    """Every shard a manifest (or a sharding progress file) lists, each path checked to be a
+    relative name inside DEST: a crafted `../../x` or `/etc/x` never reaches a read or a delete."""
+    try:
+        shards = [s for split in m.get("splits", {}).values() for s in split["shards"]] + list(m.get("done", []))
+        for s in shards:
+            check_key(s["path"], "shard path")
+            if not isinstance(s.get("num_samples", 0), int) or not isinstance(s.get("sha256", ""), str):
+                raise ValueError(f"shard {s['path']!r} has a malformed entry")
+    except StorageError as e:
+        raise ManifestError(f"{where}: {e}") from None
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        raise ManifestError(f"{where} is malformed ({type(e).__name__}: {e})") from None
+    return shards
 
 
 def write_shards(source: Source, dest: str, opts: ShardOptions, ep: Endpoint | None = None,
@@ -93,20 +111,23 @@ def write_shards(source: Source, dest: str, opts: ShardOptions, ep: Endpoint | N
     for name in (MANIFEST, PROGRESS):
         if not store.exists(name):
             continue
-        old = json.loads(store.read(name))
+        try:
+            old = json.loads(store.read(name))
+        except ValueError as e:
+            raise ManifestError(f"{store.url(name)} is not valid JSON ({e}); remove it to shard here") from None
+        if not isinstance(old, dict):
+            raise ManifestError(f"{store.url(name)} is not a selfsup manifest; remove it to shard here")
+        old_shards = _shard_entries(old, store.url(name))
         if old.get("plan") == plan:
-            for split in old.get("splits", {}).values():
-                done.update({s["path"]: s for s in split["shards"]})
-            done.update({s["path"]: s for s in old.get("done", [])})
+            done.update({s["path"]: s for s in old_shards})
         elif not opts.overwrite:
             raise StorageError(f"{store.url(name)} describes a different data set (source {old.get('source')!r}); "
                                "pass --overwrite to replace it")
         else:
             # Drop the old manifest first, so nothing ever points at a shard being rewritten.
             store.delete(name)
-            for split in old.get("splits", {}).values():
-                for s in split["shards"]:
-                    store.delete(s["path"])
+            for s in old_shards:
+                store.delete(s["path"])
 
     jobs = []  # (path, split, first index, items)
     for split, items in source.splits.items():
@@ -184,6 +205,10 @@ def write_shards(source: Source, dest: str, opts: ShardOptions, ep: Endpoint | N
     for split in source.splits:
         shards = [{k: v for k, v in results[j[0]].items() if k != "skipped"} for j in jobs if j[1] == split]
         splits[split] = {"num_samples": sum(s["num_samples"] for s in shards), "shards": shards}
+        if not splits[split]["num_samples"]:  # no manifest: an empty data set is not a data set
+            skipped = [s for j in jobs if j[1] == split for s in results[j[0]]["skipped"]]
+            first = f"; first: {skipped[0]['error']}" if skipped else ""
+            raise SourceError(f"split {split!r} of {source.name} has no readable image ({len(skipped)} skipped{first})")
     manifest = {
         "format": FORMAT, "version": VERSION, "plan": plan, "source": source.name,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -210,8 +235,11 @@ def count_samples(data: bytes) -> int:
     return len(keys)
 
 
-def verify(dest: str, ep: Endpoint | None = None, workers: int = 8) -> tuple[dict, list[str]]:
-    """Re-read every shard the manifest lists; return (manifest, one line per bad shard)."""
+def verify(dest: str, ep: Endpoint | None = None, workers: int = 8, decode: bool = False) -> tuple[dict, list[str]]:
+    """Re-read every shard the manifest lists; return (manifest, one line per bad shard). With
+    `decode`, also decode every image (a sha256 taken after the damage cannot see it)."""
+    from selfsup.pipelines.streaming import CorruptShard, shard_samples
+
     store = open_store(dest, ep)
     manifest = load_manifest(dest, store=store)
     shards = [s for split in manifest["splits"].values() for s in split["shards"]]
@@ -230,6 +258,11 @@ def verify(dest: str, ep: Endpoint | None = None, workers: int = 8) -> tuple[dic
             return f"{store.url(s['path'])}: unreadable tar ({e})"
         if n != s["num_samples"]:
             return f"{store.url(s['path'])}: {n} samples, manifest says {s['num_samples']}"
+        if decode:
+            try:
+                shard_samples(data, name=store.url(s["path"]))
+            except CorruptShard as e:
+                return str(e)
         return None
 
     with ThreadPoolExecutor(workers) as pool:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -95,11 +96,18 @@ def npz(path: Path, holdout: float) -> Source:
         raise SourceError(f"source {path} does not exist")
     try:
         data = np.load(path, allow_pickle=False)
-        images, labels = data["images"], data["labels"].astype(np.int64)
+        images, labels = data["images"], data["labels"]
     except KeyError as e:
         raise SourceError(f"{path} lacks the array {e}: it needs `images` and `labels`") from None
-    except ValueError as e:
-        raise SourceError(f"{path} is not a readable .npz: {e}") from None
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+        raise SourceError(f"{path} is not a readable .npz: {e or type(e).__name__}") from None
+    if not np.issubdtype(labels.dtype, np.integer) or labels.ndim != 1:
+        raise SourceError(f"{path}: `labels` must be integers (N,), got {labels.dtype} {labels.shape}")
+    labels = labels.astype(np.int64)
+    if len(labels) == 0:
+        raise SourceError(f"{path} holds no images")
+    if labels.min() < 0:
+        raise SourceError(f"{path}: labels must be >= 0 (class indices), found {int(labels.min())}")
     if images.dtype != np.uint8 or images.ndim not in (3, 4) or len(images) != len(labels):
         raise SourceError(f"{path}: `images` must be uint8 (N,H,W) or (N,H,W,3) matching `labels` (N,); "
                           f"got {images.dtype} {images.shape} and {labels.shape}")

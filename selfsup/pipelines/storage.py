@@ -13,9 +13,11 @@ same small interface (`Store`) for both.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
+from urllib.parse import urlsplit
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -55,6 +57,10 @@ def endpoint_from_env(environ: dict[str, str] | None = None) -> Endpoint | None:
     url = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
     if not url and env.get("SELFSUP_STORAGE", "").lower() != "aws":
         return None
+    if url:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise StorageError(f"AWS_ENDPOINT_URL {url!r} is not an http(s) URL (e.g. http://127.0.0.1:9000)")
     return Endpoint(
         url=url or None,
         access_key=env.get("AWS_ACCESS_KEY_ID"),
@@ -131,6 +137,15 @@ def join(uri: str, *parts: str) -> str:
     return out
 
 
+def check_key(key: str, what: str = "key") -> str:
+    """A key (a path under a store's root) must stay under that root: relative, no `.`/`..` or
+    empty parts, no backslash. Keys from manifests and configs pass here before any I/O."""
+    if (not isinstance(key, str) or not key or key.startswith("/") or "\\" in key or "\0" in key
+            or any(p in ("", ".", "..") for p in key.split("/"))):
+        raise StorageError(f"{what} {key!r} is not a relative path inside its root")
+    return key
+
+
 def explain(exc: Exception, ep: Endpoint, what: str = "") -> StorageError:
     """Turn a botocore/pyarrow failure into one line that names the endpoint and what failed."""
     from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
@@ -175,7 +190,7 @@ class LocalStore(Store):
         self.uri = str(self.root)
 
     def _p(self, key: str) -> Path:
-        return self.root / key
+        return self.root / check_key(key)
 
     def read(self, key):
         try:
@@ -213,7 +228,7 @@ class LocalStore(Store):
         return h.hexdigest()
 
     def list(self, prefix=""):
-        base = self.root / prefix if prefix else self.root
+        base = self._p(prefix) if prefix else self.root
         if not base.exists():
             return []
         return sorted(
@@ -255,16 +270,32 @@ class S3Store(Store):
             raise explain(e, self.ep, f"creating bucket {self.bucket!r}") from None
 
     def _k(self, key: str) -> str:
+        check_key(key)
         return f"{self.prefix}/{key}" if self.prefix else key
 
+    @contextlib.contextmanager
+    def _errors(self, what: str):
+        """A failed request (endpoint gone mid-way, refused) as one StorageError naming the endpoint."""
+        from boto3.exceptions import S3UploadFailedError
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            yield
+        except (BotoCoreError, ClientError) as e:
+            raise explain(e, self.ep, what) from None
+        except S3UploadFailedError as e:
+            raise explain(e.__context__ if isinstance(e.__context__, Exception) else e, self.ep, what) from None
+
     def read(self, key):
-        from botocore.exceptions import ClientError
+        from botocore.exceptions import BotoCoreError, ClientError
 
         try:
             return self.client.get_object(Bucket=self.bucket, Key=self._k(key))["Body"].read()
         except ClientError as e:
             if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
                 raise FileNotFoundError(self.url(key)) from None
+            raise explain(e, self.ep, f"reading {self.url(key)}") from None
+        except BotoCoreError as e:
             raise explain(e, self.ep, f"reading {self.url(key)}") from None
 
     def write(self, key, data, metadata=None):
@@ -273,16 +304,19 @@ class S3Store(Store):
     def upload(self, key, fileobj, metadata=None):
         # boto3's managed transfer: multipart above 8 MiB, parts in parallel, retried.
         extra = {"Metadata": metadata} if metadata else None
-        self.client.upload_fileobj(fileobj, self.bucket, self._k(key), ExtraArgs=extra)
+        with self._errors(f"writing {self.url(key)}"):
+            self.client.upload_fileobj(fileobj, self.bucket, self._k(key), ExtraArgs=extra)
 
     def _head(self, key):
-        from botocore.exceptions import ClientError
+        from botocore.exceptions import BotoCoreError, ClientError
 
         try:
             return self.client.head_object(Bucket=self.bucket, Key=self._k(key))
         except ClientError as e:
             if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
                 return None
+            raise explain(e, self.ep, f"reading {self.url(key)}") from None
+        except BotoCoreError as e:
             raise explain(e, self.ep, f"reading {self.url(key)}") from None
 
     def exists(self, key):
@@ -296,12 +330,14 @@ class S3Store(Store):
         full = self._k(prefix) if prefix else (self.prefix + "/" if self.prefix else "")
         strip = len(self.prefix) + 1 if self.prefix else 0
         out = []
-        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full):
-            out += [o["Key"][strip:] for o in page.get("Contents", [])]
+        with self._errors(f"listing {self.uri}"):
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full):
+                out += [o["Key"][strip:] for o in page.get("Contents", [])]
         return sorted(out)
 
     def delete(self, key):
-        self.client.delete_object(Bucket=self.bucket, Key=self._k(key))
+        with self._errors(f"deleting {self.url(key)}"):
+            self.client.delete_object(Bucket=self.bucket, Key=self._k(key))
 
     def open(self, key):
         return io.BytesIO(self.read(key))

@@ -15,6 +15,11 @@ class UsageError(ValueError):
     """Bad input on the command line or in a config: exit code 2, one line."""
 
 
+def _positive(name: str, value: int) -> None:
+    if value < 1:
+        raise UsageError(f"{name} must be >= 1, got {value}")
+
+
 def _storage(args) -> int:
     from selfsup.pipelines.seaweed import EmbeddedS3
 
@@ -40,6 +45,10 @@ def _shard(args) -> int:
 
     if not 0 <= args.holdout < 1:
         raise UsageError(f"--holdout must be in [0, 1), got {args.holdout}")
+    _positive("--samples-per-shard", args.samples_per_shard)
+    _positive("--workers", args.workers)
+    if not 1 <= args.quality <= 100:
+        raise UsageError(f"--quality must be in 1..100, got {args.quality}")
     source = open_source(args.source, holdout=args.holdout)
     opts = ShardOptions(samples_per_shard=args.samples_per_shard, fmt=args.format, quality=args.quality,
                         workers=args.workers, overwrite=args.overwrite)
@@ -52,11 +61,12 @@ def _shard(args) -> int:
 def _shard_verify(args) -> int:
     from selfsup.pipelines.shards import verify
 
-    manifest, problems = verify(args.dest)
+    manifest, problems = verify(args.dest, decode=args.decode)
     n = sum(len(s["shards"]) for s in manifest["splits"].values())
     for p in problems:
         print(f"BAD {p}")
-    print(f"{n - len(problems)}/{n} shards ok" + (f", {len(problems)} bad" if problems else ""))
+    what = "shards ok (every image decoded)" if args.decode else "shards ok"
+    print(f"{n - len(problems)}/{n} {what}" + (f", {len(problems)} bad" if problems else ""))
     return 1 if problems else 0
 
 
@@ -88,12 +98,14 @@ def _train(args) -> int:
 
 def _runs(args) -> int:
     from selfsup.pipelines.storage import open_store
-    from selfsup.platform.evaluate import resolve_run
-    from selfsup.platform.runs import format_runs, list_runs, read_metrics, read_summary
+    from selfsup.platform.runs import format_runs, list_runs, read_metrics, read_summary, resolve_run
 
     if args.action == "list":
-        print(format_runs(list_runs(args.root)))
-        return 0
+        runs, bad = list_runs(args.root)
+        print(format_runs(runs))
+        for line in bad:  # the others are listed; each unreadable run is named, exit 1
+            print(f"selfsup: error: {line}", file=sys.stderr)
+        return 1 if bad else 0
     if not args.run:
         raise UsageError("runs show needs RUN (a name under --root, or a URI)")
     store = open_store(resolve_run(args.run, args.root))
@@ -108,7 +120,8 @@ def _runs(args) -> int:
 
 
 def _eval(args) -> int:
-    from selfsup.platform.evaluate import evaluate_run, resolve_run
+    from selfsup.platform.evaluate import evaluate_run
+    from selfsup.platform.runs import resolve_run
 
     out = evaluate_run(resolve_run(args.run, args.root), args.kind, args.train_samples, args.test_samples,
                        args.checkpoint, args.random_init, args.teacher)
@@ -117,7 +130,14 @@ def _eval(args) -> int:
 
 
 def _data_preview(args) -> int:
+    from pathlib import Path
+
     from selfsup.platform.preview import preview
+
+    _positive("--samples", args.samples)
+    folder = Path(args.out).expanduser().absolute().parent
+    if not folder.is_dir():
+        raise UsageError(f"--out {args.out}: folder {folder} does not exist")
 
     n = preview(args.config, args.overrides, args.out, args.samples)
     print(f"wrote {args.out}: {n} views of {args.samples} samples")
@@ -144,7 +164,10 @@ def _demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="selfsup", description="Self-supervised pretraining on Ray from object storage.")
+    p = argparse.ArgumentParser(prog="selfsup", description="Self-supervised pretraining on Ray from object storage. "
+                                "Errors are one line with exit code 2 (bad input) or 1 (a failure); "
+                                "--debug (or SELFSUP_DEBUG=1) shows their tracebacks.")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     s = sub.add_parser("storage", help="run the embedded S3 server (SeaweedFS) under $SELFSUP_HOME",
@@ -174,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Re-read every shard of DEST's manifest; check sha256 and sample counts. "
                                    "Exit 1 when any shard is missing or corrupt.")
     s.add_argument("dest", nargs="?", default=DEFAULT_DATA)
+    s.add_argument("--decode", action="store_true", help="also decode every image (finds images damaged before "
+                                                          "their shard's sha256 was taken)")
     s.set_defaults(func=_shard_verify)
     s = sub.add_parser("train", help="pretrain on Ray Train (resumes a run of the same storage.name)",
                        description="Train CONFIG (a YAML file or a shipped config name) with key=value overrides, "
@@ -244,23 +269,38 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit codes: 0 done, 1 a failure (a run that failed, corrupt data, a crash), 2 bad input or
+    unreachable storage, 130 Ctrl-C, 143 SIGTERM. Every error is one line on stderr."""
     from selfsup.pipelines.sources import SourceError
     from selfsup.pipelines.storage import StorageError
     from selfsup.platform.config import ConfigError
+    from selfsup.platform.runs import one_line_cause
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:2] == ["shard", "verify"]:
-        argv = ["shard-verify", *argv[2:]]
+    i = next((n for n, a in enumerate(argv) if not a.startswith("-")), len(argv))
+    if argv[i:i + 2] == ["shard", "verify"]:
+        argv = [*argv[:i], "shard-verify", *argv[i + 2:]]
     args = build_parser().parse_args(argv)
+    debug = args.debug or os.environ.get("SELFSUP_DEBUG", "") not in ("", "0")
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     try:
         return args.func(args)
     except (StorageError, SourceError, UsageError, ConfigError) as e:
-        print(f"selfsup: error: {e}", file=sys.stderr)
+        if debug:
+            raise
+        print(f"selfsup: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("selfsup: interrupted", file=sys.stderr)
         return 130
+    except BaseException as e:
+        if type(e).__name__ == "Terminated":
+            print("selfsup: terminated", file=sys.stderr)
+            return 143
+        if debug or isinstance(e, SystemExit):
+            raise
+        print(f"selfsup: error: {one_line_cause(e)} (--debug shows the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

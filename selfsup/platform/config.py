@@ -10,10 +10,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from selfsup.methods import METHODS
+from selfsup.pipelines.storage import StorageError
 from selfsup.pipelines.views import VIEW_KINDS, ViewSpec
+from selfsup.platform.runs import check_name
 
 
 class ConfigError(ValueError):
@@ -21,7 +23,8 @@ class ConfigError(ValueError):
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # inf and nan are no learning rate, budget or temperature
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class DataConfig(Strict):
@@ -34,6 +37,17 @@ class DataConfig(Strict):
     seed: int = 0
     strict: bool = False  # a corrupt shard fails the run instead of being skipped
     prefetch_batches: int = Field(2, ge=0)
+
+    @model_validator(mode="after")
+    def _normalisation(self):
+        for key in ("mean", "std"):
+            if not getattr(self, key):
+                raise ValueError(f"data.{key} is empty: give one value per channel, or one for all")
+        if len(self.mean) != len(self.std) and 1 not in (len(self.mean), len(self.std)):
+            raise ValueError(f"data.mean has {len(self.mean)} values and data.std {len(self.std)}")
+        if any(v <= 0 for v in self.std):
+            raise ValueError(f"data.std must be > 0 (it divides the pixels), got {self.std}")
+        return self
 
 
 class ModelConfig(Strict):
@@ -105,6 +119,16 @@ class StorageConfig(Strict):
     root: str = "s3://selfsup/runs"
     name: str | None = None  # None: <method>-<model>-<UTC time>
 
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v):
+        if v is not None:
+            try:
+                check_name(v)
+            except StorageError as e:
+                raise ValueError(str(e)) from None
+        return v
+
 
 class MethodConfig(BaseModel):
     """`name` picks the method; every other key is that method's parameter."""
@@ -145,6 +169,10 @@ class Config(Strict):
                              f"which takes {' or '.join(cls.mask_strategies)}")
         if self.scaling.min_workers and self.scaling.min_workers > self.scaling.num_workers:
             raise ValueError(f"scaling.min_workers {self.scaling.min_workers} > scaling.num_workers {self.scaling.num_workers}")
+        if self.data.mean and len(self.data.mean) not in (1, self.model.in_chans):
+            raise ValueError(f"data.mean has {len(self.data.mean)} values for model.in_chans {self.model.in_chans}")
+        if self.data.std and len(self.data.std) not in (1, self.model.in_chans):
+            raise ValueError(f"data.std has {len(self.data.std)} values for model.in_chans {self.model.in_chans}")
         if self.data.batch_size % self.scaling.num_workers:
             raise ValueError(f"data.batch_size {self.data.batch_size} is not divisible by scaling.num_workers "
                              f"{self.scaling.num_workers}")
@@ -219,10 +247,16 @@ def load_config(path: str | None, overrides: list[str] = ()) -> Config:
             p = shipped[path]
         if not p.exists():
             raise ConfigError(f"config {path!r} not found (shipped configs: {', '.join(sorted(shipped))})")
+        if not p.is_file():
+            raise ConfigError(f"config {p} is not a file")
         try:
-            tree = yaml.safe_load(p.read_text()) or {}
+            tree = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError:
+            raise ConfigError(f"config {p} is not UTF-8 text") from None
+        except OSError as e:
+            raise ConfigError(f"config {p} cannot be read: {e.strerror or e}") from None
         except yaml.YAMLError as e:
-            raise ConfigError(f"config {p} is not valid YAML: {e}") from None
+            raise ConfigError(f"config {p} is not valid YAML: {_one_line(e)}") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"config {p} must be a mapping of sections")
     lengths = ("schedule.epochs", "schedule.steps", "schedule.time_budget_s")
@@ -233,15 +267,26 @@ def load_config(path: str | None, overrides: list[str] = ()) -> Config:
             raise ConfigError(f"override {ov!r} is not key=value")
         if key in lengths:  # a run has one length: a new one replaces the file's
             tree["schedule"] = {k: v for k, v in (tree.get("schedule") or {}).items() if f"schedule.{k}" not in lengths}
-        _set(tree, key, yaml.safe_load(raw) if raw.strip() else None)
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {key}: value {raw!r} is not valid YAML ({_one_line(e)})") from None
+        _set(tree, key, value)
+    for section, value in tree.items():
+        if value is not None and not isinstance(value, dict):
+            raise ConfigError(f"{section} is a section of keys, got {value!r} (did you mean {section}.name=...?)")
     method = (tree.get("method") or {}).get("name", "simclr")
-    if method not in METHODS:
+    if not isinstance(method, str) or method not in METHODS:
         raise ConfigError(f"method.name {method!r} is not one of {', '.join(sorted(METHODS))}")
     # The view spec follows the method: switching method.name drops the other kind's views.
     views = (tree.get("data") or {}).get("views")
     if isinstance(views, dict) and "kind" not in views:
         views["kind"] = METHODS[method].view_kind
     return validate(tree)
+
+
+def _one_line(e: yaml.YAMLError) -> str:
+    return " ".join(str(e).split())
 
 
 def validate(tree: dict) -> Config:

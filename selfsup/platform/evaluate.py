@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -10,26 +11,42 @@ import torch
 import torch.nn.functional as F
 
 from selfsup.pipelines.storage import Endpoint, open_store
-from selfsup.pipelines.streaming import shard_samples
+from selfsup.pipelines.streaming import CorruptShard, shard_samples
 from selfsup.pipelines.views import Plain, make_views, to_model_input
 from selfsup.pipelines.shards import load_manifest
+from selfsup.platform.runs import RunError
+
+log = logging.getLogger("selfsup.eval")
 
 
-def load_labeled(uri: str, split: str, limit: int = 0, seed: int = 0, ep: Endpoint | None = None):
+def load_labeled(uri: str, split: str, limit: int = 0, seed: int = 0, ep: Endpoint | None = None, strict: bool = True):
     """(images: list of uint8 (C,H,W), labels (N,)) of a split, or of a fixed random subset of
-    `limit` samples (the same subset for every evaluation of every run with this seed)."""
+    `limit` samples (the same subset for every evaluation of every run with this seed). A corrupt
+    or missing shard raises CorruptShard naming it; with `strict=False` it is skipped with a warning."""
     store = open_store(uri, ep)
     m = load_manifest(uri, store=store)
     if split not in m["splits"]:
-        raise KeyError(f"split {split!r} is not in {uri} (it has {', '.join(m['splits'])})")
+        raise RunError(f"split {split!r} is not in {uri} (it has {', '.join(m['splits'])})")
     shards = m["splits"][split]["shards"]
 
     def read(s):
-        return shard_samples(store.read(s["path"]), s["sha256"], name=store.url(s["path"]))
+        try:
+            try:
+                data = store.read(s["path"])
+            except FileNotFoundError:
+                raise CorruptShard(f"{store.url(s['path'])}: missing") from None
+            return shard_samples(data, s["sha256"], name=store.url(s["path"]))
+        except CorruptShard as e:
+            if strict:
+                raise
+            log.warning("skipping shard %s", e)
+            return [], [], []
 
     with ThreadPoolExecutor(4) as pool:
         parts = list(pool.map(read, shards))
     images = [im for _, ims, _ in parts for im in ims]
+    if not images:
+        raise CorruptShard(f"split {split!r} of {uri} has no readable shard")
     labels = torch.tensor([y for _, _, ys in parts for y in ys])
     if limit and limit < len(images):
         keep = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:limit].sort().values
@@ -107,15 +124,6 @@ def raw_pixel_features(images: list[torch.Tensor], size: int | None = None, cent
     return F.normalize(x - x.mean(1, keepdim=True) if centre else x, dim=1)
 
 
-def resolve_run(run: str, root: str) -> str:
-    """A run URI from a URI, a local path, or a name under `root`."""
-    from selfsup.pipelines.storage import is_s3, join
-
-    if is_s3(run) or "/" in run:
-        return run.rstrip("/")
-    return join(root, run)
-
-
 def evaluate_run(run_uri: str, kind: str, train_samples: int = 0, test_samples: int = 0, checkpoint: str | None = None,
                  random_init: bool = False, teacher: bool = False, ep: Endpoint | None = None, log=print) -> dict:
     """kNN or linear-probe accuracy of a run's backbone (newest good checkpoint, or random init)."""
@@ -130,22 +138,28 @@ def evaluate_run(run_uri: str, kind: str, train_samples: int = 0, test_samples: 
     try:
         cfg = validate(yaml.safe_load(store.read_text(CONFIG)))
     except FileNotFoundError:
-        raise FileNotFoundError(f"{store.url(CONFIG)} not found: is {run_uri} a selfsup run?") from None
+        raise RunError(f"no run at {run_uri} ({CONFIG} not found)") from None
+    except (yaml.YAMLError, UnicodeDecodeError, TypeError) as e:
+        raise RunError(f"{store.url(CONFIG)} is not a readable run config ({type(e).__name__})") from None
     torch.manual_seed(cfg.data.seed)
-    n_train = load_manifest(cfg.data.uri, ep)["splits"][cfg.data.train_split]["num_samples"]
+    splits = load_manifest(cfg.data.uri, ep)["splits"]
+    if cfg.data.train_split not in splits:
+        raise RunError(f"data.train_split {cfg.data.train_split!r} of run {run_uri} is not in {cfg.data.uri}")
+    n_train = splits[cfg.data.train_split]["num_samples"]
     method = build_method(cfg, n_train, ep)
     used = "random init"
     if not random_init:
         state, used = read_checkpoint(run_uri, ep, checkpoint)
         if state is None:
-            raise FileNotFoundError(f"run {run_uri} has no checkpoint yet")
+            raise RunError(f"run {run_uri} has no checkpoint yet (try --random-init for the baseline)")
         method.load_state_dict(state["model"])
     if teacher and not hasattr(method, "teacher_backbone"):
-        raise ValueError(f"method {cfg.method.name!r} has no teacher")
+        raise RunError(f"method {cfg.method.name!r} has no teacher (--teacher is for DINO-style runs)")
     backbone = method.teacher_backbone if teacher else method.backbone
     t0 = time.perf_counter()
-    train_imgs, train_y = load_labeled(cfg.data.uri, cfg.eval.train_split, train_samples, cfg.data.seed, ep)
-    test_imgs, test_y = load_labeled(cfg.data.uri, cfg.eval.test_split, test_samples, cfg.data.seed + 1, ep)
+    strict = cfg.data.strict
+    train_imgs, train_y = load_labeled(cfg.data.uri, cfg.eval.train_split, train_samples, cfg.data.seed, ep, strict)
+    test_imgs, test_y = load_labeled(cfg.data.uri, cfg.eval.test_split, test_samples, cfg.data.seed + 1, ep, strict)
     size = cfg.eval.image_size or cfg.view_size()
     dtype = autocast_dtype(cfg, torch.device("cpu"))
     feats = [extract_features(backbone, imgs, size, cfg.data.mean, cfg.data.std, cfg.model.in_chans, dtype=dtype)

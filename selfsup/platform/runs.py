@@ -1,27 +1,70 @@
-"""Runs in storage. Layout of a run (`<storage.root>/<name>/`), stable for tools that read it:
+"""Runs in storage: the one module that owns their layout and names. A run (`<storage.root>/<name>/`),
+stable for tools that read it:
 
     config.yaml                       the resolved config the run was started with
     summary.json                      status, method, backbone, step, epoch, kNN (first, last, best), wall time
     metrics.jsonl                     one JSON object a line: kind (train | eval), step, epoch, metrics
+    heartbeat.json                    rewritten by the live driver every HEARTBEAT_S seconds
     checkpoint-<step:08d>/state.pt    model (with teacher, centre, queues), optimizer, step, epoch, RNG
     checkpoint-<step:08d>/meta.json   step, epoch, elapsed training time
     checkpoint_manager_snapshot.json  Ray Train's own bookkeeping
 
-Ray Train 2.60 writes no metrics file, so `MetricsLog`, a controller-side callback, keeps
+Ray Train 2.60 writes no metrics file, so a controller-side callback (`trainer.MetricsLog`) keeps
 metrics.jsonl and summary.json. S3 has no append: it rewrites the file, and on a restart it reloads
 it and drops rows that the resumed run is about to report again (nothing lost, nothing twice).
+
+Status: `running` while the driver lives, then `finished`, `failed` (with `error`), `interrupted`
+(Ctrl-C) or `terminated` (SIGTERM). A driver killed outright writes nothing more: readers show such a
+run as `lost` once its heartbeat is older than LOST_AFTER_S.
 """
 
 from __future__ import annotations
 
 import json
+import re
+import time
 from datetime import datetime, timezone
 
-import ray.train
+from selfsup.pipelines.storage import Endpoint, Store, StorageError, open_store
 
-from selfsup.pipelines.storage import Endpoint, Store, open_store
+METRICS, SUMMARY, CONFIG, HEARTBEAT = "metrics.jsonl", "summary.json", "config.yaml", "heartbeat.json"
+CKPT_PREFIX = "checkpoint-"
+HEARTBEAT_S, LOST_AFTER_S = 10.0, 60.0
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_CKPT = re.compile(re.escape(CKPT_PREFIX) + r"\d{8}")
 
-METRICS, SUMMARY, CONFIG = "metrics.jsonl", "summary.json", "config.yaml"
+
+class RunError(StorageError):
+    """A run, checkpoint or name that does not exist or cannot be read. One line for the user."""
+
+
+def check_name(name: str, what: str = "run") -> str:
+    """The rule for run, sweep and trial names: one path part of letters, digits, `.`, `_`, `-`,
+    starting with a letter or digit (so never `..`, never nested, never absolute)."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise RunError(f"{what} name {name!r} is not valid: use 1-128 letters, digits, '.', '_' or '-', "
+                       "starting with a letter or digit")
+    if what == "checkpoint" and not _CKPT.fullmatch(name):
+        raise RunError(f"checkpoint name {name!r} is not valid: checkpoints are named {CKPT_PREFIX}<8-digit step>")
+    return name
+
+
+def checkpoint_name(step: int) -> str:
+    return f"{CKPT_PREFIX}{step:08d}"
+
+
+def checkpoint_names(store: Store) -> list[str]:
+    """The run's checkpoint folders, oldest first (names that follow the rule only)."""
+    return sorted({k.split("/")[0] for k in store.list() if _CKPT.fullmatch(k.split("/")[0])})
+
+
+def resolve_run(run: str, root: str) -> str:
+    """A run's URI from a URI (`s3://...`), a local path (`/...`, `./...`, `~/...`) or a name under `root`."""
+    from selfsup.pipelines.storage import is_s3, join
+
+    if is_s3(run) or run.startswith(("/", "./", "../", "~")):
+        return run.rstrip("/")
+    return join(root, check_name(run))
 
 
 def read_metrics(store: Store) -> list[dict]:
@@ -29,14 +72,50 @@ def read_metrics(store: Store) -> list[dict]:
         text = store.read_text(METRICS)
     except FileNotFoundError:
         return []
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+    rows = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if not isinstance(row, dict) or not isinstance(row.get("step"), int) or "kind" not in row:
+            raise RunError(f"{store.url(METRICS)} line {n} is not a metrics row (corrupt file?)")
+        rows.append(row)
+    return rows
 
 
-def read_summary(store: Store) -> dict:
+def read_summary(store: Store, run: str = "") -> dict:
+    """The summary ({} when none) of the run at `store` (or of run `run` under it), its status
+    corrected for a lost driver."""
+    key = f"{run}/{SUMMARY}" if run else SUMMARY
     try:
-        return json.loads(store.read(SUMMARY))
+        s = json.loads(store.read(key))
     except FileNotFoundError:
         return {}
+    except ValueError:
+        s = None
+    if not isinstance(s, dict):
+        raise RunError(f"{store.url(key)} is not a JSON object (corrupt file?)")
+    if s.get("status") == "running":
+        beat = _read_heartbeat(store, f"{run}/{HEARTBEAT}" if run else HEARTBEAT)
+        if beat is None or time.time() - beat > LOST_AFTER_S:
+            s["status"] = "lost"
+            s["error"] = ("the driver stopped without a word: no heartbeat since "
+                          f"{_iso(beat) if beat else 'the start'} (killed, or its machine went away)")
+    return s
+
+
+def _read_heartbeat(store: Store, key: str) -> float | None:
+    try:
+        return float(json.loads(store.read(key))["time"])
+    except (FileNotFoundError, ValueError, KeyError, TypeError):
+        return None
+
+
+def write_heartbeat(store: Store) -> None:
+    store.write(HEARTBEAT, json.dumps({"time": time.time(), "iso": now()}).encode())
 
 
 def merge_row(rows: list[dict], row: dict) -> list[dict]:
@@ -58,50 +137,62 @@ def summarise(rows: list[dict], base: dict) -> dict:
 
 
 def now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return _iso(time.time())
 
 
-class MetricsLog(ray.train.UserCallback):
-    """Runs on the Ray Train controller: keeps metrics.jsonl and summary.json of the run."""
-
-    def __init__(self, run_uri: str, ep: Endpoint | None, summary: dict):
-        self.run_uri, self.ep, self.base = run_uri, ep, summary
-        self._store: Store | None = None
-        self.rows: list[dict] | None = None
-
-    def _load(self) -> Store:
-        if self._store is None:
-            self._store = open_store(self.run_uri, self.ep)
-            self.rows = read_metrics(self._store)
-        return self._store
-
-    def after_report(self, run_context, metrics, checkpoint):
-        store = self._load()
-        row = dict(metrics[0])  # rank 0 reports the run's metrics; the others report the same step
-        if "kind" not in row:
-            return
-        self.rows = merge_row(self.rows, row)
-        store.write(METRICS, "".join(json.dumps(r) + "\n" for r in self.rows).encode())
-        store.write(SUMMARY, json.dumps(summarise(self.rows, {**self.base, "status": "running"}), indent=1).encode())
+def _iso(t: float) -> str:
+    return datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def list_runs(root: str, ep: Endpoint | None = None) -> list[dict]:
+def list_runs(root: str, ep: Endpoint | None = None) -> tuple[list[dict], list[str]]:
+    """(summaries of the runs directly under `root`, one line per run whose files are unreadable)."""
     store = open_store(root, ep)
-    names = sorted({k.split("/")[0] for k in store.list() if k.endswith("/" + SUMMARY)})
-    out = []
+    names = sorted({k.split("/")[0] for k in store.list()
+                    if k.count("/") == 1 and k.endswith("/" + SUMMARY) and _NAME.fullmatch(k.split("/")[0])})
+    out, bad = [], []
     for name in names:
-        s = json.loads(store.read(f"{name}/{SUMMARY}"))
+        try:
+            s = read_summary(store, name)
+        except RunError as e:
+            bad.append(str(e))
+            continue
         s["name"] = name
         out.append(s)
-    return out
+    return out, bad
+
+
+def one_line_cause(exc: BaseException) -> str:
+    """The root cause of a failure, however deep Ray wrapped it, as `Type: first line`."""
+    seen = set()
+    while id(exc) not in seen:
+        seen.add(id(exc))
+        failures = getattr(exc, "worker_failures", None)
+        if failures:
+            exc = failures[min(failures)]
+            continue
+        inner = getattr(exc, "controller_failure", None) or getattr(exc, "cause", None) or exc.__cause__
+        if isinstance(inner, BaseException):
+            exc = inner
+            continue
+        break
+    text = str(exc).strip()
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    # Ray's remote errors put a traceback before the message: the last line is the cause.
+    line = lines[-1] if lines and lines[0].startswith(("Traceback", "ray::")) else (lines[0] if lines else "")
+    prefix = f"{type(exc).__name__}: "
+    return line if line.startswith(prefix.split(":")[0] + ":") else prefix + line
 
 
 def format_runs(runs: list[dict]) -> str:
-    head = f"{'name':40} {'status':9} {'method':7} {'backbone':22} {'step':>7} {'epoch':>6} {'kNN first':>9} {'kNN best':>8}"
+    head = f"{'name':40} {'status':11} {'method':7} {'backbone':22} {'step':>7} {'epoch':>6} {'kNN first':>9} {'kNN best':>8}"
     lines = [head]
     for r in runs:
         def f(k):
             return f"{r[k]:.2f}" if isinstance(r.get(k), float) else "-"
-        lines.append(f"{r['name'][:40]:40} {r.get('status', '?'):9} {r.get('method', '?'):7} {r.get('backbone', '?')[:22]:22} "
-                     f"{r.get('step', 0):>7} {r.get('epoch', 0):>6.2f} {f('knn_first'):>9} {f('knn_best'):>8}")
+
+        def num(k):
+            return r[k] if isinstance(r.get(k), (int, float)) else 0
+        lines.append(f"{r['name'][:40]:40} {str(r.get('status', '?')):11} {str(r.get('method', '?')):7} "
+                     f"{str(r.get('backbone', '?'))[:22]:22} {num('step'):>7} {num('epoch'):>6.2f} "
+                     f"{f('knn_first'):>9} {f('knn_best'):>8}")
     return "\n".join(lines)

@@ -15,14 +15,10 @@ import torch.distributed as dist
 
 from selfsup.pipelines.storage import Endpoint, open_store
 from selfsup.platform.config import Config, validate
+from selfsup.platform.runs import RunError, check_name, checkpoint_name, checkpoint_names
 from selfsup.platform.step import Progress, TrainStep, build_method
 
 log = logging.getLogger("selfsup.train")
-CKPT_PREFIX = "checkpoint-"
-
-
-def checkpoint_name(step: int) -> str:
-    return f"{CKPT_PREFIX}{step:08d}"
 
 
 def save_checkpoint(step_fn: TrainStep, step: int, epoch: int, elapsed: float, directory: str) -> None:
@@ -39,7 +35,11 @@ def read_checkpoint(run_uri: str, ep: Endpoint | None, name: str | None = None) 
     One that fails to load is named in the log and the one before it is tried, so a damaged
     checkpoint never silently restarts a run from zero. Nothing is unpickled: weights_only=True."""
     store = open_store(run_uri, ep)
-    names = [name] if name else sorted({k.split("/")[0] for k in store.list() if k.startswith(CKPT_PREFIX)}, reverse=True)
+    if name:
+        check_name(name, "checkpoint")
+        if not store.exists(f"{name}/state.pt"):
+            raise RunError(f"run {run_uri} has no checkpoint {name!r} (it has: {', '.join(checkpoint_names(store)) or 'none'})")
+    names = [name] if name else checkpoint_names(store)[::-1]
     for n in names:
         try:
             return torch.load(io.BytesIO(store.read(f"{n}/state.pt")), map_location="cpu", weights_only=True), n
@@ -47,7 +47,7 @@ def read_checkpoint(run_uri: str, ep: Endpoint | None, name: str | None = None) 
             log.error("checkpoint %s failed to load (%s: %s)%s", store.url(n), type(e).__name__, e,
                       "; trying the one before it" if n != names[-1] else "")
     if names:
-        raise RuntimeError(f"no checkpoint of {run_uri} loads (tried {', '.join(names)})")
+        raise RunError(f"no checkpoint of {run_uri} loads (tried {', '.join(names)})")
     return None, None
 
 
@@ -69,8 +69,9 @@ class Evaluator:
 
         e = cfg.eval
         self.cfg, self.device, self.dtype = cfg, device, dtype
-        self.train = load_labeled(cfg.data.uri, e.train_split, e.train_samples, cfg.data.seed, ep)
-        self.test = load_labeled(cfg.data.uri, e.test_split, e.test_samples, cfg.data.seed + 1, ep)
+        strict = cfg.data.strict
+        self.train = load_labeled(cfg.data.uri, e.train_split, e.train_samples, cfg.data.seed, ep, strict)
+        self.test = load_labeled(cfg.data.uri, e.test_split, e.test_samples, cfg.data.seed + 1, ep, strict)
 
     def __call__(self, method) -> dict[str, float]:
         from selfsup.platform.evaluate import extract_features, knn_top1

@@ -2,22 +2,71 @@
 
 Rerunning with the same `storage.name` resumes that run from its latest good checkpoint.
 Works on a local Ray cluster (started here when none is given) and under `ray job submit`.
+The run's status always says how it ended (see runs.py): the driver writes `finished`, `failed`
+with the cause, `interrupted` (Ctrl-C) or `terminated` (SIGTERM), and a heartbeat while it lives.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import logging
 import os
+import signal
+import socket
+import threading
 import time
 from datetime import datetime, timezone
 
-from selfsup.pipelines.shards import load_manifest
-from selfsup.pipelines.storage import Endpoint, fs_and_path, is_s3, join, open_store, resolve_endpoint
+import ray.train
+
 from selfsup.methods import METHODS
-from selfsup.platform.config import Config, to_yaml, validate
+from selfsup.pipelines.shards import load_manifest
+from selfsup.pipelines.storage import Endpoint, Store, fs_and_path, is_s3, join, open_store, resolve_endpoint
+from selfsup.platform.config import Config, ConfigError, to_yaml, validate
+from selfsup.platform.runs import (CONFIG, HEARTBEAT_S, METRICS, SUMMARY, RunError, merge_row, now, one_line_cause,
+                                   read_metrics, read_summary, summarise, write_heartbeat)
 from selfsup.platform.tokenizer import fit_tokenizer
-from selfsup.platform.runs import CONFIG, SUMMARY, MetricsLog, now, read_metrics, read_summary, summarise
+
+log_ = logging.getLogger("selfsup.train")
+
+
+class Terminated(BaseException):
+    """SIGTERM reached the driver (`ray job stop`, a scheduler): the run ends as `terminated`."""
+
+
+class MetricsLog(ray.train.UserCallback):
+    """Runs on the Ray Train controller: keeps metrics.jsonl and summary.json of the run."""
+
+    def __init__(self, run_uri: str, ep: Endpoint | None, summary: dict):
+        self.run_uri, self.ep, self.base = run_uri, ep, summary
+        self._store: Store | None = None
+        self.rows: list[dict] | None = None
+
+    def _load(self) -> Store:
+        if self._store is None:
+            self._store = open_store(self.run_uri, self.ep)
+            self.rows = read_metrics(self._store)
+        return self._store
+
+    def after_report(self, run_context, metrics, checkpoint):
+        store = self._load()
+        row = dict(metrics[0])  # rank 0 reports the run's metrics; the others report the same step
+        if "kind" not in row:
+            return
+        self.rows = merge_row(self.rows, row)
+        store.write(METRICS, "".join(json.dumps(r) + "\n" for r in self.rows).encode())
+        # A report still in flight when the driver ended the run must not turn its status back.
+        if _stored_status(store) in (None, "running"):
+            store.write(SUMMARY, json.dumps(summarise(self.rows, {**self.base, "status": "running"}), indent=1).encode())
+
+
+def _stored_status(store: Store) -> str | None:
+    try:
+        return json.loads(store.read(SUMMARY)).get("status")
+    except Exception:
+        return None
 
 
 def run_name(cfg: Config) -> str:
@@ -27,38 +76,180 @@ def run_name(cfg: Config) -> str:
     return f"{cfg.method.name}-{cfg.model.name}-{stamp}"
 
 
-def ensure_ray(num_cpus: int | None = None) -> None:
-    """Join the cluster RAY_ADDRESS names (ray job submit sets it), else start a local one on 127.0.0.1."""
+def _check_ray_address(address: str, timeout: float = 5.0) -> None:
+    """A cluster address that does not answer fails here in seconds, instead of ray.init retrying."""
+    if address in ("auto", "local"):
+        return
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise RunError(f"RAY_ADDRESS {address!r} is not host:port (or ray://host:port, auto)")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise RunError(f"the Ray cluster at RAY_ADDRESS={address} does not answer ({e.strerror or e}); "
+                       "unset RAY_ADDRESS to train on a local cluster") from None
+
+
+def ensure_ray(num_cpus: int | None = None) -> bool:
+    """Join the cluster RAY_ADDRESS names (ray job submit sets it), else start a local one on
+    127.0.0.1. True when the cluster is local to this process (its resources are all there is)."""
     import ray
 
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    address = os.environ.get("RAY_ADDRESS")
     if ray.is_initialized():
+        return not address
+    if address:
+        _check_ray_address(address)
+        try:
+            ray.init(address=address, log_to_driver=True)
+        except ConnectionError as e:
+            raise RunError(f"cannot join the Ray cluster at RAY_ADDRESS={address}: {str(e).splitlines()[0]}") from None
+        return False
+    # With the dashboard: Ray Train's placement-group cleaner polls the state API it serves and
+    # logs a warning every second without it. It also lets users watch the run at :8265.
+    ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
+    return True
+
+
+def check_resources(cfg: Config, fixed: bool) -> None:
+    """Fail at once when the cluster can never place the run's minimum of workers (on a fixed-size
+    cluster; one with an autoscaler may still grow, so there it is a warning)."""
+    import ray
+
+    s = cfg.scaling
+    need = {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.gpus_per_worker else {})}
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    fit = sum(int(min(r.get(k, 0.0) / v for k, v in need.items()) + 1e-9) for r in nodes)
+    minimum = s.min_workers or s.num_workers
+    if fit >= minimum:
         return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
-    else:
-        # With the dashboard: Ray Train's placement-group cleaner polls the state API it serves and
-        # logs a warning every second without it. It also lets users watch the run at :8265.
-        ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
+    have = ", ".join(f"{k} {sum(r.get(k, 0.0) for r in nodes):g} (at most {max((r.get(k, 0.0) for r in nodes), default=0):g} "
+                     f"on one node)" for k in need)
+    msg = (f"the run needs {minimum} worker(s) of {', '.join(f'{k} {v:g}' for k, v in need.items())} "
+           f"(scaling.cpus_per_worker, scaling.gpus_per_worker) but the Ray cluster has {have} across "
+           f"{len(nodes)} node(s): room for {fit}")
+    if fixed:
+        raise ConfigError(msg)
+    log_.warning("%s; waiting for the cluster to grow", msg)
+
+
+def preflight(cfg: Config, manifest: dict) -> int:
+    """Everything checkable before Ray starts; returns the train split's size."""
+    splits = manifest["splits"]
+    needed = {"data.train_split": cfg.data.train_split, "eval.train_split": cfg.eval.train_split,
+              "eval.test_split": cfg.eval.test_split}
+    for key, split in needed.items():
+        if split not in splits:
+            raise ConfigError(f"{key} {split!r} is not a split of {cfg.data.uri} (it has {', '.join(splits)})")
+    n_train = splits[cfg.data.train_split]["num_samples"]
+    if n_train < cfg.data.batch_size:
+        raise ConfigError(f"data.batch_size {cfg.data.batch_size} is larger than split {cfg.data.train_split!r} "
+                          f"of {cfg.data.uri} ({n_train} samples)")
+    return n_train
+
+
+@contextlib.contextmanager
+def _heartbeat(store: Store):
+    """Rewrite the run's heartbeat every HEARTBEAT_S while the block runs (readers tell a live run
+    from a driver killed outright by it)."""
+    stop = threading.Event()
+
+    def beat():
+        while not stop.is_set():
+            with contextlib.suppress(Exception):  # storage down for a while: the next beat tries again
+                write_heartbeat(store)
+            stop.wait(HEARTBEAT_S)
+
+    t = threading.Thread(target=beat, name="selfsup-heartbeat", daemon=True)
+    t.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        t.join(timeout=5)
+
+
+@contextlib.contextmanager
+def _sigterm_ends_run():
+    def handler(signum, frame):
+        raise Terminated()
+
+    main = threading.current_thread() is threading.main_thread()
+    old = signal.signal(signal.SIGTERM, handler) if main else None
+    try:
+        yield
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, old)
+
+
+def _fit(trainer) -> None:
+    """trainer.fit() in a helper thread: Ray Train then installs no SIGINT handler of its own (it
+    would abort the run and let fit() return as if finished), so Ctrl-C and SIGTERM reach this
+    thread as exceptions; the run's controller and workers belong to this driver and end with it."""
+    box: dict = {}
+
+    def run():
+        try:
+            trainer.fit()
+        except BaseException as e:  # handed to the main thread as is
+            box["error"] = e
+
+    t = threading.Thread(target=run, name="selfsup-fit", daemon=True)
+    t.start()
+    while t.is_alive():
+        t.join(0.2)
+    if "error" in box:
+        raise box["error"]
+
+
+def _make_trainer(cfg: Config, ep: Endpoint | None, run_uri: str, base: dict, n_train: int, health_name: str):
+    """The TorchTrainer of the run: Ray Data stream of views, workers, storage, metrics callback."""
+    from ray.data import DataContext
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from selfsup.pipelines.streaming import read_split
+    from selfsup.platform.process_group import LocalStoreTorchConfig
+    from selfsup.platform.train_loop import train_func
+
+    DataContext.get_current().enable_progress_bars = False  # travels with the dataset to Train's workers
+    local_bs = cfg.data.batch_size // cfg.scaling.num_workers
+    ds = read_split(cfg.data.uri, cfg.data.train_split, ep, seed=cfg.data.seed, strict=cfg.data.strict,
+                    health=health_name, spec=cfg.data.views, batch_size=local_bs)
+    s = cfg.scaling
+    resources = {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.gpus_per_worker else {})}
+    workers = (s.min_workers, s.num_workers) if s.min_workers and s.min_workers < s.num_workers else s.num_workers
+    fs, root_path = fs_and_path(cfg.storage.root, ep)
+    return TorchTrainer(
+        train_func,
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "ep": dataclasses.asdict(ep) if ep else None,
+                           "run_uri": run_uri, "health": health_name, "n_train": n_train},
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=bool(s.gpus_per_worker),
+                                     resources_per_worker=resources),
+        torch_config=LocalStoreTorchConfig(),  # DDP's rendezvous store on the node's address, not the wildcard
+        datasets={"train": ds},
+        run_config=RunConfig(
+            name=base["name"], storage_path=root_path, storage_filesystem=fs,
+            callbacks=[MetricsLog(run_uri, ep, base)],
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+        ),
+    )
 
 
 def train(cfg: Config, log=print) -> dict:
     """Run (or resume) training; returns the run's summary."""
-    import ray.train
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from selfsup.pipelines.streaming import data_health_actor
 
-    from selfsup.pipelines.streaming import data_health_actor, read_split
-    from selfsup.platform.process_group import LocalStoreTorchConfig
-    from selfsup.platform.train_loop import train_func
-
-    needs_s3 = is_s3(cfg.data.uri) or is_s3(cfg.storage.root)
-    ep: Endpoint | None = resolve_endpoint() if needs_s3 else None
+    ep: Endpoint | None = resolve_endpoint() if is_s3(cfg.data.uri) else None
     manifest = load_manifest(cfg.data.uri, ep)  # fails early, naming the URI, before Ray starts
-    if cfg.data.train_split not in manifest["splits"]:
-        raise KeyError(f"data.train_split {cfg.data.train_split!r} is not in {cfg.data.uri}")
-    n_train = manifest["splits"][cfg.data.train_split]["num_samples"]
+    n_train = preflight(cfg, manifest)
+    if ep is None and is_s3(cfg.storage.root):
+        ep = resolve_endpoint()
     name = run_name(cfg)
     run_uri = join(cfg.storage.root, name)
     store = open_store(run_uri, ep, create=True)
@@ -73,53 +264,54 @@ def train(cfg: Config, log=print) -> dict:
     base = {"name": name, "method": cfg.method.name, "backbone": cfg.model.name, "data": cfg.data.uri,
             "workers": cfg.scaling.num_workers, "started": previous.get("started", now()),
             "wall_time_s_before": previous.get("wall_time_s", 0.0)}
+    write_heartbeat(store)
     store.write(SUMMARY, json.dumps({**previous, **base, "status": "running"}, indent=1).encode())
     log(f"run {name}: {run_uri}" + (" (resuming)" if previous else ""))
 
-    ensure_ray()
-    from ray.data import DataContext
-
-    DataContext.get_current().enable_progress_bars = False  # travels with the dataset to Train's workers
-    health_name = f"selfsup-data-health-{name}"
-    health = data_health_actor(health_name)
-    local_bs = cfg.data.batch_size // cfg.scaling.num_workers
-    ds = read_split(cfg.data.uri, cfg.data.train_split, ep, seed=cfg.data.seed, strict=cfg.data.strict,
-                    health=health_name, spec=cfg.data.views, batch_size=local_bs)
-    s = cfg.scaling
-    resources = {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.gpus_per_worker else {})}
-    workers = (s.min_workers, s.num_workers) if s.min_workers and s.min_workers < s.num_workers else s.num_workers
-    fs, root_path = fs_and_path(cfg.storage.root, ep)
-    trainer = TorchTrainer(
-        train_func,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "ep": dataclasses.asdict(ep) if ep else None,
-                           "run_uri": run_uri, "health": health_name, "n_train": n_train},
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=bool(s.gpus_per_worker), resources_per_worker=resources),
-        torch_config=LocalStoreTorchConfig(),  # DDP's rendezvous store on the node's address, not the wildcard
-        datasets={"train": ds},
-        run_config=RunConfig(
-            name=name, storage_path=root_path, storage_filesystem=fs,
-            callbacks=[MetricsLog(run_uri, ep, base)],
-            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
-        ),
-    )
-    status, error = "finished", None
+    status, error, health = "failed", None, None
     try:
-        trainer.fit()
-    except Exception as e:
-        status, error = "failed", f"{type(e).__name__}: {e}"
+        with _heartbeat(store):
+            fixed = ensure_ray()
+            with _sigterm_ends_run():  # after ray.init: its local node sets a SIGTERM handler of its own
+                check_resources(cfg, fixed)
+                health_name = f"selfsup-data-health-{name}"
+                health = data_health_actor(health_name)
+                _fit(_make_trainer(cfg, ep, run_uri, base, n_train, health_name))
+        status = "finished"
+    except KeyboardInterrupt:
+        status, error = "interrupted", "stopped by Ctrl-C"
+        _stop_training()
+        raise
+    except Terminated:
+        status, error = "terminated", "stopped by SIGTERM"
+        _stop_training()
+        raise
+    except BaseException as e:
+        error = one_line_cause(e)
         raise
     finally:
-        import ray
-
-        try:
-            ray.kill(health)
-        except Exception:
-            pass
-        summary = summarise(read_metrics(store), {**base, "status": status})
+        if health is not None:
+            with contextlib.suppress(Exception):
+                ray.kill(health)
+        summary = summarise(_rows_or_none(store), {**base, "status": status})
         summary["wall_time_s"] = round(base["wall_time_s_before"] + time.time() - started, 1)
         summary.pop("wall_time_s_before")
         if error:
             summary["error"] = error[:2000]
-        store.write(SUMMARY, json.dumps(summary, indent=1).encode())
+        with contextlib.suppress(Exception):  # storage gone: the error in flight matters more
+            store.write(SUMMARY, json.dumps(summary, indent=1).encode())
     return summary
+
+
+def _stop_training() -> None:
+    """End the run's controller and workers now: they belong to this driver, and leaving Ray ends
+    them (and the cluster, when this process started it), so no report lands after the status."""
+    with contextlib.suppress(Exception):
+        ray.shutdown()
+
+
+def _rows_or_none(store: Store) -> list[dict]:
+    try:
+        return read_metrics(store)
+    except Exception:
+        return []
