@@ -85,10 +85,13 @@ def test_bad_credentials_are_one_line_exit_2(s3):
 def test_every_subcommand_has_help():
     from selfsup.platform.cli import build_parser
 
+    from concurrent.futures import ThreadPoolExecutor
+
     parser = build_parser()
-    names = parser._subparsers._group_actions[0].choices
-    for name in names:
-        r = _cli(name, "--help")
+    names = list(parser._subparsers._group_actions[0].choices)
+    with ThreadPoolExecutor(4) as pool:  # each is mostly interpreter start-up
+        results = list(pool.map(lambda name: _cli(name, "--help"), names))
+    for name, r in zip(names, results):
         assert r.returncode == 0 and "usage: selfsup" in r.stdout, name
 
 
@@ -164,7 +167,9 @@ def test_down_and_status_never_take_another_process_for_the_server(tmp_path):
     server = EmbeddedS3(tmp_path)
     server.up()
     state = server._state()
+    assert server._lock_holder() == state["pid"]  # weed itself holds server.lock
     assert server.down()
+    assert server._lock_holder() is None
     other = subprocess.Popen(["sleep", "60"])
     try:
         server.state_file.write_text(json.dumps({**state, "pid": other.pid}))

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import fcntl
 import ipaddress
 import json
 import os
@@ -42,6 +41,7 @@ PORT_FLAGS = (
 # says; the admin gRPC port is put exactly there so that the worker finds it instead of retrying
 # (and logging) every few seconds forever.
 ADMIN_GRPC_OFFSET = 10000
+FLOCK, LOCK_CONFLICT = "flock", 75  # util-linux's flock(1), in every Debian (Essential)
 GRPC_COMPONENTS = ("master", "volume", "filer", "s3", "admin", "worker", "msg_broker", "msg_agent", "mq", "client")
 
 
@@ -238,19 +238,22 @@ class EmbeddedS3:
         ok = isinstance(ports, dict) and set(ports) == set(PORT_FLAGS) and all(isinstance(p, int) for p in ports.values())
         return ports if ok else None
 
-    def _lock_held(self) -> bool:
-        """True while some process (the server) holds server.lock."""
+    def _lock_holder(self) -> int | None:
+        """The pid holding server.lock (the server, which takes it as it starts), from /proc/locks.
+
+        Read, never tried: this process never opens the lock itself, so no child it forks (Ray,
+        multiprocessing) can inherit a copy that outlives the server and keeps the lock."""
         try:
-            fd = os.open(self.lock_file, os.O_RDONLY)
+            st = os.stat(self.lock_file)
+            locks = Path("/proc/locks").read_text()
         except OSError:
-            return False
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            return False
-        except BlockingIOError:
-            return True
-        finally:
-            os.close(fd)
+            return None
+        ident = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+        for line in locks.splitlines():  # "1: FLOCK  ADVISORY  WRITE 5071 fe:00:2146583 0 EOF"
+            parts = line.split()
+            if "FLOCK" in parts and "->" not in parts and ident in parts:  # "->": a waiter, not the holder
+                return int(parts[parts.index(ident) - 1])
+        return None
 
     def _is_ours(self, pid: int) -> bool:
         """The pid is a live weed serving this data dir (not another process that got its pid)."""
@@ -259,7 +262,7 @@ class EmbeddedS3:
 
     def _running_state(self) -> dict | None:
         st = self._state()
-        return st if st and self._lock_held() and self._is_ours(st["pid"]) else None
+        return st if st and self._lock_holder() == st["pid"] and self._is_ours(st["pid"]) else None
 
     def endpoint(self) -> Endpoint | None:
         """The running server's endpoint, or None when it is not running."""
@@ -289,33 +292,33 @@ class EmbeddedS3:
         self._security()
         for d in (self.data, self.logs, self.root / "sock"):
             d.mkdir(mode=0o700, exist_ok=True)
-        lock = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise StorageError(f"another embedded S3 server is starting or running under {self.root} "
-                                   "(server.lock is held)") from None
-            # Last time's ports when still free: an exported `storage env` stays valid.
-            ports = self._ports()
-            if not ports or not all(_port_free(p) for p in ports.values()):
-                ports = _choose_ports()
-                _write_private(self.ports_file, json.dumps(ports).encode())
-            proc = self._spawn(creds, ports, lock)
-        finally:
-            os.close(lock)  # the server holds the lock through its inherited copy until it exits
+        holder = self._lock_holder()
+        if holder is not None:
+            raise StorageError(f"another embedded S3 server is starting or running under {self.root}: server.lock "
+                               f"is held by pid {holder} ({' '.join(_cmdline(holder))[:80] or 'not ours'})")
+        # Last time's ports when still free: an exported `storage env` stays valid.
+        ports = self._ports()
+        if not ports or not all(_port_free(p) for p in ports.values()):
+            ports = _choose_ports()
+            _write_private(self.ports_file, json.dumps(ports).encode())
+        proc = self._spawn(creds, ports)
         ep = Endpoint(f"http://127.0.0.1:{ports['s3.port']}", creds["access_key"], creds["secret_key"])
         self._wait_ready(ep, proc, timeout)
         self._write_env(ep)
         return ep
 
-    def _spawn(self, creds: dict, ports: dict, lock_fd: int) -> subprocess.Popen:
+    def _spawn(self, creds: dict, ports: dict) -> subprocess.Popen:
         s3_json = self.root / "s3.json"
         identity = {"name": "selfsup", "credentials": [{"accessKey": creds["access_key"], "secretKey": creds["secret_key"]}],
                     "actions": ["Admin", "Read", "List", "Tagging", "Write"]}
         _write_private(s3_json, json.dumps({"identities": [identity]}).encode())
         sock_dir = self.root / "sock"
+        if not self.lock_file.exists():
+            _write_private(self.lock_file, b"")
+        # `flock --no-fork` takes server.lock and becomes weed (same pid), which holds it until it
+        # exits: the server is known by the lock, its command line and its data dir, not by a pid alone.
         cmd = [
+            FLOCK, "--no-fork", "--nonblock", f"--conflict-exit-code={LOCK_CONFLICT}", str(self.lock_file),
             weed_binary(), f"-logdir={self.logs}", "mini", f"-dir={self.data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
             *(f"-{flag}={port}" for flag, port in ports.items()),
             "-s3.port.iceberg=0", "-s3.port.lance=0", "-webdav=false", "-admin.ui=false",
@@ -327,7 +330,7 @@ class EmbeddedS3:
             # Own session: `selfsup storage up` returns while the server keeps running. cwd: weed
             # reads ./security.toml. umask 077: every file weed writes is the user's alone.
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    start_new_session=True, cwd=self.root, pass_fds=(lock_fd,), umask=0o077)
+                                    start_new_session=True, cwd=self.root, umask=0o077)
         finally:
             os.close(log)
         self._proc = proc
@@ -340,6 +343,9 @@ class EmbeddedS3:
         client = s3_client(ep)
         deadline = time.monotonic() + timeout
         while True:
+            if proc.poll() == LOCK_CONFLICT:
+                raise StorageError(f"another embedded S3 server is starting or running under {self.root} "
+                                   "(server.lock is held)")
             if proc.poll() is not None:
                 tail = self.log_file.read_text(errors="replace")[-2000:]
                 raise StorageError(f"weed mini exited with code {proc.returncode}; see {self.log_file}:\n{tail}")
