@@ -177,9 +177,13 @@ def test_a_damaged_image_is_a_bad_shard_skipped_or_fatal_as_data_strict_says(ray
 
     uri, path = flipped_shards
     # strict=false: the stream and the rank-0 kNN evaluator (which reads the train split too) skip it
-    s = train(_tiny_train(uri, "lenient", "schedule.steps=3"), log=lambda *_: None)
+    s = train(_tiny_train(uri, "lenient", "schedule.steps=3", "train.checkpoint_every_s=0.01"), log=lambda *_: None)
     assert s["status"] == "finished" and s["step"] == 3
-    rows = read_metrics(open_store(f"{ROOT}/lenient"))
+    store = open_store(f"{ROOT}/lenient")
+    # (and checkpoints by seconds: every step here takes longer than 0.01 s)
+    assert {k.split("/")[0] for k in store.list() if k.endswith("/manifest.json")} == {
+        f"checkpoint-{i:08d}" for i in (1, 2, 3)}
+    rows = read_metrics(store)
     assert max(r.get("bad_shards", 0) for r in rows) == 1
     # strict=true: fails naming the shard
     with pytest.raises(Exception) as e:

@@ -12,7 +12,7 @@ from selfsup.pipelines.storage import open_store
 from selfsup.platform.cli import main
 from selfsup.platform.config import load_config
 from selfsup.platform.runs import read_metrics
-from selfsup.platform.train_loop import read_checkpoint
+from selfsup.platform.checkpoints import read_checkpoint
 from selfsup.platform.trainer import train
 
 ROOT = "s3://test-runs/runs"
@@ -40,7 +40,8 @@ def test_two_epochs_on_two_workers_leave_checkpoints_and_complete_metrics(finish
     store = open_store(f"{ROOT}/e2e")
     keys = store.list()
     for step in (spe, 2 * spe):
-        assert f"checkpoint-{step:08d}/state.pt" in keys and f"checkpoint-{step:08d}/meta.json" in keys
+        for f in ("state.pt", "meta.json", "manifest.json"):  # the manifest: complete, written by the controller
+            assert f"checkpoint-{step:08d}/{f}" in keys
     assert {"config.yaml", "summary.json", "metrics.jsonl"} <= set(keys)
     rows = read_metrics(store)
     train_steps = [r["step"] for r in rows if r["kind"] == "train"]
@@ -100,10 +101,14 @@ def test_dino_trains_end_to_end(ray_local, tiny_labeled):
         "method.name=dino", f"data.uri={data}", "data.batch_size=8", "data.views.global_view.size=16",
         "data.views.local_view.size=8", "data.views.n_local=2", "model.name=resnet10t", "model.cifar_stem=false",
         "method.out_dim=128", "method.hidden_dim=64", "method.bottleneck_dim=32", "schedule.steps=4",
+        "train.checkpoint_every_steps=2", "train.checkpoint_every_epochs=100",
         "eval.train_samples=0", "eval.test_samples=0", "eval.k=5", f"storage.root={ROOT}", "storage.name=dino"])
     s = train(cfg, log=lambda *_: None)
     assert s["status"] == "finished" and s["step"] == 4
-    rows = read_metrics(open_store(f"{ROOT}/dino"))
+    store = open_store(f"{ROOT}/dino")
+    assert {k.split("/")[0] for k in store.list() if k.endswith("/manifest.json")} == {"checkpoint-00000002",
+                                                                                        "checkpoint-00000004"}
+    rows = read_metrics(store)
     last_eval = [r for r in rows if r["kind"] == "eval"][-1]
     assert "knn_top1_teacher" in last_eval
     assert all(r["teacher_temp"] > 0 for r in rows if r["kind"] == "train")

@@ -98,7 +98,9 @@ class TrainConfig(Strict):
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 where the device does it natively
     channels_last: bool | Literal["auto"] = "auto"  # auto: for conv nets under bf16
     log_every_steps: int = Field(10, ge=1)
-    checkpoint_every_epochs: float = Field(1.0, gt=0)
+    checkpoint_every_epochs: float = Field(1.0, gt=0)  # also by steps and seconds: whichever comes first
+    checkpoint_every_steps: int | None = Field(None, ge=1)
+    checkpoint_every_s: float | None = Field(None, gt=0)  # wall-clock seconds since the last checkpoint
     max_failures: int = Field(0, ge=0)
     keep_checkpoints: int | None = Field(None, ge=1)  # None: keep every checkpoint
 

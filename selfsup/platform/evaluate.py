@@ -14,6 +14,7 @@ from selfsup.pipelines.storage import Endpoint, open_store
 from selfsup.pipelines.streaming import CorruptShard, shard_samples
 from selfsup.pipelines.views import Plain, make_views, to_model_input
 from selfsup.pipelines.shards import load_manifest
+from selfsup.platform.checkpoints import read_checkpoint
 from selfsup.platform.runs import RunError
 
 log = logging.getLogger("selfsup.eval")
@@ -130,7 +131,6 @@ def evaluate_run(run_uri: str, kind: str, train_samples: int = 0, test_samples: 
     from selfsup.platform.config import validate
     from selfsup.platform.runs import CONFIG
     from selfsup.platform.step import autocast_dtype, build_method
-    from selfsup.platform.train_loop import read_checkpoint
 
     import yaml
 

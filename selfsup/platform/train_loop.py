@@ -3,52 +3,20 @@ metric reports, kNN evaluation, checkpoints in storage and exact resume."""
 
 from __future__ import annotations
 
-import io
-import json
 import logging
-import os
 import tempfile
 import time
 
 import torch
 import torch.distributed as dist
 
-from selfsup.pipelines.storage import Endpoint, open_store
+from selfsup.pipelines.storage import Endpoint
 from selfsup.platform.config import Config, validate
-from selfsup.platform.runs import RunError, check_name, checkpoint_name, checkpoint_names
+from selfsup.platform.checkpoints import read_checkpoint, save_checkpoint
+from selfsup.platform.runs import checkpoint_name
 from selfsup.platform.step import Progress, TrainStep, build_method
 
 log = logging.getLogger("selfsup.train")
-
-
-def save_checkpoint(step_fn: TrainStep, step: int, epoch: int, elapsed: float, directory: str) -> None:
-    state = {**step_fn.state_dict(), "step": step, "epoch": epoch, "elapsed": elapsed,
-             "torch_rng": torch.get_rng_state()}
-    torch.save(state, os.path.join(directory, "state.pt"))
-    with open(os.path.join(directory, "meta.json"), "w") as f:
-        json.dump({"step": step, "epoch": epoch, "elapsed": elapsed}, f)
-
-
-def read_checkpoint(run_uri: str, ep: Endpoint | None, name: str | None = None) -> tuple[dict | None, str | None]:
-    """(state, name) of the newest checkpoint that loads, or (None, None) when the run has none.
-
-    One that fails to load is named in the log and the one before it is tried, so a damaged
-    checkpoint never silently restarts a run from zero. Nothing is unpickled: weights_only=True."""
-    store = open_store(run_uri, ep)
-    if name:
-        check_name(name, "checkpoint")
-        if not store.exists(f"{name}/state.pt"):
-            raise RunError(f"run {run_uri} has no checkpoint {name!r} (it has: {', '.join(checkpoint_names(store)) or 'none'})")
-    names = [name] if name else checkpoint_names(store)[::-1]
-    for n in names:
-        try:
-            return torch.load(io.BytesIO(store.read(f"{n}/state.pt")), map_location="cpu", weights_only=True), n
-        except Exception as e:
-            log.error("checkpoint %s failed to load (%s: %s)%s", store.url(n), type(e).__name__, e,
-                      "; trying the one before it" if n != names[-1] else "")
-    if names:
-        raise RunError(f"no checkpoint of {run_uri} loads (tried {', '.join(names)})")
-    return None, None
 
 
 def restore(run_uri: str, ep: Endpoint | None, step_fn: TrainStep) -> tuple[int, float, str | None]:
@@ -150,13 +118,29 @@ def train_func(config: dict) -> None:
             return
         with tempfile.TemporaryDirectory() as d:
             if rank == 0:
-                save_checkpoint(step_fn, step, step // steps_per_epoch, elapsed, d)
+                epoch = step // steps_per_epoch
+                state = {**step_fn.state_dict(), "step": step, "epoch": epoch, "elapsed": elapsed,
+                         "torch_rng": torch.get_rng_state()}
+                # the controller writes these as the checkpoint's manifest once Ray has uploaded it
+                row["checkpoint_files"] = save_checkpoint(state, {"step": step, "epoch": epoch, "elapsed": elapsed}, d)
             report(row, d if rank == 0 else None)
 
     def period(n_epochs: float | None) -> int | None:
         return None if n_epochs is None else max(1, round(n_epochs * steps_per_epoch))
 
     eval_every, ckpt_every = period(cfg.eval.every_epochs), period(cfg.train.checkpoint_every_epochs)
+    last_ckpt = time.monotonic()
+
+    def checkpoint_due() -> bool:
+        """By epochs, steps or seconds, whichever comes first; rank 0's clock decides for all."""
+        if step % ckpt_every == 0 or (cfg.train.checkpoint_every_steps and step % cfg.train.checkpoint_every_steps == 0):
+            return True
+        if not cfg.train.checkpoint_every_s:
+            return False
+        due = torch.tensor([float(time.monotonic() - last_ckpt >= cfg.train.checkpoint_every_s)])
+        if world > 1:
+            dist.broadcast(due, src=0)
+        return bool(due.item())
     if step == 0 and cfg.eval.at_start:
         evaluate_and_checkpoint(True, False)
 
@@ -190,9 +174,11 @@ def train_func(config: dict) -> None:
                 report(row)
                 window_t, window_steps, sums = time.perf_counter(), 0, {}
             eval_now = done or (eval_every is not None and step % eval_every == 0)
-            ckpt_now = done or step % ckpt_every == 0
+            ckpt_now = checkpoint_due() or done
             if eval_now or ckpt_now:
                 evaluate_and_checkpoint(eval_now, ckpt_now)
+                if ckpt_now:
+                    last_ckpt = time.monotonic()
                 window_t = time.perf_counter()  # evaluation time is not training time
             if done or step >= epoch_end:
                 break

@@ -24,6 +24,7 @@ import ray.train
 from selfsup.methods import METHODS
 from selfsup.pipelines.shards import load_manifest
 from selfsup.pipelines.storage import Endpoint, Store, fs_and_path, is_s3, join, open_store, resolve_endpoint
+from selfsup.platform.checkpoints import write_manifest
 from selfsup.platform.config import Config, ConfigError, to_yaml, validate
 from selfsup.platform.runs import (CONFIG, HEARTBEAT_S, METRICS, SUMMARY, RunError, merge_row, now, one_line_cause,
                                    read_metrics, read_summary, summarise, write_heartbeat)
@@ -55,6 +56,9 @@ class MetricsLog(ray.train.UserCallback):
         row = dict(metrics[0])  # rank 0 reports the run's metrics; the others report the same step
         if "kind" not in row:
             return
+        files = row.pop("checkpoint_files", None)
+        if checkpoint is not None and files:
+            write_manifest(store, row["checkpoint"], files)  # Ray has committed the upload: now it counts
         self.rows = merge_row(self.rows, row)
         store.write(METRICS, "".join(json.dumps(r) + "\n" for r in self.rows).encode())
         # A report still in flight when the driver ended the run must not turn its status back.

@@ -1,0 +1,98 @@
+"""Checkpoints of a run: written by the train loop, read by resume, `eval` and the dashboard alike.
+
+A checkpoint is the folder `<run>/checkpoint-<step:08d>/`:
+
+    state.pt       model (with teacher, centre, queues), optimizer, step, epoch, elapsed time, RNG
+    meta.json      step, epoch, elapsed training time
+    manifest.json  every other file of the folder with its size and sha256; written last
+
+It counts only once complete. Ray Train uploads the folder (in no set order) from rank 0's report;
+the manifest is then written by the controller (`trainer.MetricsLog`) once Ray has committed the
+upload, from the sizes and hashes rank 0 computed. Readers take the newest checkpoint whose
+manifest is there and whose files match it: one without a manifest (an upload cut short) or with a
+file cut short or changed is named in the log and passed over. Nothing is unpickled:
+`torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+
+import torch
+
+from selfsup.pipelines.storage import Endpoint, Store, open_store
+from selfsup.platform.runs import RunError, check_name, checkpoint_names
+
+log = logging.getLogger("selfsup.train")
+STATE, META, MANIFEST = "state.pt", "meta.json", "manifest.json"
+
+
+def save_checkpoint(state: dict, meta: dict, directory: str) -> dict[str, dict]:
+    """Write state.pt and meta.json into `directory`; return their manifest entries."""
+    torch.save(state, os.path.join(directory, STATE))
+    with open(os.path.join(directory, META), "w") as f:
+        json.dump(meta, f)
+    files = {}
+    for name in (STATE, META):
+        with open(os.path.join(directory, name), "rb") as f:
+            data = f.read()
+        files[name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    return files
+
+
+def write_manifest(store: Store, name: str, files: dict[str, dict]) -> None:
+    """Mark checkpoint `name` complete: call only once its files are in storage."""
+    check_name(name, "checkpoint")
+    store.write(f"{name}/{MANIFEST}", json.dumps({"files": files}, indent=1).encode())
+
+
+class IncompleteCheckpoint(RunError):
+    """A checkpoint without its manifest, or with a file that does not match it."""
+
+
+def load_checkpoint(store: Store, name: str) -> dict:
+    """The state of complete checkpoint `name` (checked against its manifest before unpickling)."""
+    try:
+        manifest = json.loads(store.read(f"{name}/{MANIFEST}"))
+        expected = manifest["files"][STATE]
+    except FileNotFoundError:
+        raise IncompleteCheckpoint(f"no {MANIFEST}: incomplete") from None
+    except (ValueError, KeyError, TypeError):
+        raise IncompleteCheckpoint(f"{MANIFEST} is unreadable") from None
+    try:
+        data = store.read(f"{name}/{STATE}")
+    except FileNotFoundError:
+        raise IncompleteCheckpoint(f"{STATE} is missing") from None
+    if len(data) != expected["bytes"]:
+        raise IncompleteCheckpoint(f"{STATE} is {len(data)} bytes, its manifest says {expected['bytes']} (cut short?)")
+    if hashlib.sha256(data).hexdigest() != expected["sha256"]:
+        raise IncompleteCheckpoint(f"{STATE} does not match its manifest's sha256 (changed or corrupt)")
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
+def read_checkpoint(run_uri: str, ep: Endpoint | None, name: str | None = None) -> tuple[dict | None, str | None]:
+    """(state, name) of the newest complete checkpoint that loads (or of `name`), (None, None)
+    when the run has none. One passed over is named in the log and the one before it is tried, so
+    a damaged checkpoint never silently restarts a run from zero."""
+    store = open_store(run_uri, ep)
+    names = checkpoint_names(store)
+    if name:
+        check_name(name, "checkpoint")
+        if name not in names:
+            raise RunError(f"run {run_uri} has no checkpoint {name!r} (it has: {', '.join(names) or 'none'})")
+        names = [name]
+    names = names[::-1]
+    for n in names:
+        try:
+            return load_checkpoint(store, n), n
+        except Exception as e:
+            why = str(e) if isinstance(e, IncompleteCheckpoint) else f"{type(e).__name__}: {e}"
+            log.error("checkpoint %s failed to load (%s)%s", store.url(n), why,
+                      "; trying the one before it" if n != names[-1] else "")
+    if names:
+        raise RunError(f"no checkpoint of {run_uri} loads (tried {', '.join(names)})")
+    return None, None
