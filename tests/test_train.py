@@ -11,7 +11,7 @@ import torch
 from selfsup.pipelines.storage import open_store
 from selfsup.platform.cli import main
 from selfsup.platform.config import load_config
-from selfsup.platform.runs import read_metrics
+from selfsup.platform.runs import read_metrics, read_summary
 from selfsup.platform.checkpoints import read_checkpoint
 from selfsup.platform.trainer import train
 
@@ -119,3 +119,26 @@ def test_storage_unreachable_at_start_is_one_line_exit_2(tiny_labeled, monkeypat
     assert main(["train", "simclr_resnet18"]) == 2
     err = capsys.readouterr().err
     assert err.strip() == "selfsup: error: cannot reach S3 endpoint http://127.0.0.1:9: connection failed (reading s3://selfsup/datasets/fashion-mnist/manifest.json)" or "cannot reach S3 endpoint http://127.0.0.1:9" in err
+
+
+def test_non_finite_updates_roll_back_to_the_last_checkpoint_then_finish(finished_run, monkeypatch):
+    data, _, spe = finished_run
+    monkeypatch.setenv("SELFSUP_TEST_NAN", "5:1")  # the loss is NaN from step 5 on, until the first rollback
+    s = train(_cfg(data, "rollback", "schedule.steps=8", "train.checkpoint_every_steps=2",
+                   "train.rollback_after_skipped=2"), log=lambda *_: None)
+    assert s["status"] == "finished" and s["step"] == 8
+    rows = [r for r in read_metrics(open_store(f"{ROOT}/rollback")) if r["kind"] == "train"]
+    assert [r["step"] for r in rows] == list(range(1, 9))  # steps 5-6 replayed once, each row once
+    assert [r["rollbacks"] for r in rows] == [0] * 4 + [1] * 4
+    assert all(r["skipped_update"] == 0 for r in rows)
+
+
+def test_updates_that_stay_non_finite_fail_the_run_after_max_rollbacks(finished_run, monkeypatch):
+    data, _, _ = finished_run
+    monkeypatch.setenv("SELFSUP_TEST_NAN", "3:99")  # poison that never stops
+    with pytest.raises(Exception):
+        train(_cfg(data, "diverges", "schedule.steps=8", "train.checkpoint_every_steps=2",
+                   "train.rollback_after_skipped=2", "train.max_rollbacks=1"), log=lambda *_: None)
+    s = read_summary(open_store(f"{ROOT}/diverges"))
+    assert s["status"] == "failed" and s["error"].startswith("Diverged: 2 updates in a row were skipped")
+    assert "after 1 rollbacks (train.max_rollbacks=1): the run diverges" in s["error"]

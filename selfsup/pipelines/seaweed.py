@@ -365,6 +365,9 @@ class EmbeddedS3:
         a stale server.json whose pid now belongs to another process leaves that process alone."""
         st = self._running_state()
         if not st:
+            stale = self._state()
+            if stale and not _alive(stale["pid"]):  # killed outright: its sockets are still ours to clean
+                self._remove_sockets(stale)
             self.state_file.unlink(missing_ok=True)
             return False
         pid = st["pid"]
@@ -380,13 +383,17 @@ class EmbeddedS3:
                 time.sleep(0.05)
         self._reap()
         self.state_file.unlink(missing_ok=True)
-        # weed leaves its gRPC unix sockets in /tmp; they are ours to clean.
-        for port in st["ports"].values():
+        self._remove_sockets(st)
+        return True
+
+    @staticmethod
+    def _remove_sockets(state: dict) -> None:
+        # weed leaves its gRPC unix sockets in /tmp (mode 0700 under our umask); ours to clean.
+        for port in state.get("ports", {}).values():
             for sock in Path("/tmp").glob(f"seaweedfs-*-grpc-{port}.sock"):
                 with contextlib.suppress(OSError):
                     if sock.lstat().st_uid == os.getuid():
                         sock.unlink()
-        return True
 
     @staticmethod
     def _signal(pid: int, sig: int) -> None:

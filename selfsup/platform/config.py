@@ -102,6 +102,8 @@ class TrainConfig(Strict):
     checkpoint_every_steps: int | None = Field(None, ge=1)
     checkpoint_every_s: float | None = Field(None, gt=0)  # wall-clock seconds since the last checkpoint
     max_failures: int = Field(0, ge=0)
+    rollback_after_skipped: int = Field(20, ge=1)  # updates skipped in a row (non-finite) before a rollback
+    max_rollbacks: int = Field(3, ge=0)  # rollbacks to the last complete checkpoint before the run fails
     keep_checkpoints: int | None = Field(None, ge=1)  # None: keep every checkpoint
 
 

@@ -171,14 +171,13 @@ class TrainStep:
         with ctx:
             out = self.model(x)
         loss = out["loss"]
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss.item()} at progress {progress:.4f}")
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.backward()  # even when non-finite: DDP's gradient all-reduce must run on every worker
         self.method.after_backward(progress)
-        # Under bf16 a backward pass can overflow though the loss is finite: skip that update
-        # (as AMP's grad scaler does) rather than write NaN into every weight. DDP has already
-        # averaged the gradients, so every worker takes the same decision.
+        # A non-finite loss, or a bf16 backward pass that overflowed though the loss is finite,
+        # gives non-finite gradients: skip that update (as AMP's grad scaler does) rather than
+        # write NaN into every weight. DDP has already averaged the gradients, so every worker
+        # takes the same decision; the train loop rolls back after too many in a row.
         norm = nn.utils.clip_grad_norm_(self.method.student_parameters(), self.cfg.optim.clip_grad or float("inf"))
         skipped = not torch.isfinite(norm)
         if skipped:

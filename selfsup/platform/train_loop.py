@@ -19,6 +19,14 @@ from selfsup.platform.step import Progress, TrainStep, build_method
 log = logging.getLogger("selfsup.train")
 
 
+class Diverged(RuntimeError):
+    """Updates kept being skipped after every rollback the config allows."""
+
+
+def _nan_loss(module, inputs, out):
+    return {**out, "loss": out["loss"] * float("nan")}
+
+
 def restore(run_uri: str, ep: Endpoint | None, step_fn: TrainStep) -> tuple[int, float, str | None]:
     """(step, elapsed training time, checkpoint name) after restoring the newest good checkpoint."""
     state, name = read_checkpoint(run_uri, ep)
@@ -144,18 +152,45 @@ def train_func(config: dict) -> None:
     if step == 0 and cfg.eval.at_start:
         evaluate_and_checkpoint(True, False)
 
+    def rollback(skipped: int, n: int) -> tuple[int, float]:
+        """Back to the last complete checkpoint after `skipped` non-finite updates in a row."""
+        why = (f"{skipped} updates in a row were skipped (non-finite loss or gradients) at step {step}; "
+               f"train.rollback_after_skipped={cfg.train.rollback_after_skipped}")
+        if n > cfg.train.max_rollbacks:
+            raise Diverged(f"{why}, after {n - 1} rollbacks (train.max_rollbacks={cfg.train.max_rollbacks}): the run "
+                           "diverges; lower optim.lr or check the data")
+        new_step, new_elapsed, name = restore(run_uri, ep, step_fn)
+        if name is None:
+            raise Diverged(f"{why}, and the run has no complete checkpoint to roll back to")
+        if rank == 0:
+            log.warning("%s: rolled back to %s (rollback %d of %d)", why, name, n, cfg.train.max_rollbacks)
+        return new_step, new_elapsed
+
     # An epoch is steps_per_epoch steps (the split's images once); each starts a new pass over
     # the data, reshuffled. Every worker takes the same steps, so collectives stay in step.
     window_t, window_steps, sums = time.perf_counter(), 0, {}
+    skipped_in_a_row, rollbacks = 0, 0
+    nan_from, nan_rollbacks = map(int, config["test_nan"].split(":")) if config.get("test_nan") else (None, 0)
     while not progress.done(step, elapsed):
         epoch_end = (step // steps_per_epoch + 1) * steps_per_epoch
-        pass_start = step
+        pass_start, rolled_back = step, False
         method.start_epoch(step // steps_per_epoch)
         for batch in shard.iter_torch_batches(batch_size=local_bs, drop_last=True,
                                               prefetch_batches=cfg.data.prefetch_batches):
             t0 = time.perf_counter()
+            poison = nan_from is not None and step + 1 >= nan_from and rollbacks < nan_rollbacks
+            hook = method.register_forward_hook(_nan_loss) if poison else None
             metrics = step_fn(batch, progress(step, elapsed))
+            if hook:
+                hook.remove()
             step += 1
+            skipped_in_a_row = skipped_in_a_row + 1 if metrics["skipped_update"] else 0
+            if skipped_in_a_row >= cfg.train.rollback_after_skipped:
+                rollbacks += 1
+                step, elapsed = rollback(skipped_in_a_row, rollbacks)
+                skipped_in_a_row, window_t, window_steps, sums = 0, time.perf_counter(), 0, {}
+                rolled_back = True
+                break  # a new pass over the data from the restored step
             dt = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
             if world > 1 and progress.budget:  # every worker must stop at the same step
                 dist.all_reduce(dt, op=dist.ReduceOp.MAX)
@@ -168,6 +203,7 @@ def train_func(config: dict) -> None:
                 wall = time.perf_counter() - window_t
                 row = {k: v / window_steps for k, v in sums.items()}
                 row.update(kind="train", images_per_s=window_steps * cfg.data.batch_size / wall, workers=world,
+                           rollbacks=rollbacks,
                            progress=round(progress(step, elapsed), 5), elapsed_s=round(elapsed, 2))
                 if rank == 0:
                     row["bad_shards"] = _bad_shards(health)
@@ -182,6 +218,6 @@ def train_func(config: dict) -> None:
                 window_t = time.perf_counter()  # evaluation time is not training time
             if done or step >= epoch_end:
                 break
-        if step == pass_start:
+        if step == pass_start and not rolled_back:
             raise RuntimeError(f"rank {rank} got no full batch of {local_bs} samples from the data: "
                                "is the split smaller than one global batch?")

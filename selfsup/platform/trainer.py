@@ -231,7 +231,9 @@ def _make_trainer(cfg: Config, ep: Endpoint | None, run_uri: str, base: dict, n_
     return TorchTrainer(
         train_func,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "ep": dataclasses.asdict(ep) if ep else None,
-                           "run_uri": run_uri, "health": health_name, "n_train": n_train},
+                           "run_uri": run_uri, "health": health_name, "n_train": n_train,
+                           # test-only: "STEP:N" makes the loss NaN from STEP on, for the first N rollbacks
+                           "test_nan": os.environ.get("SELFSUP_TEST_NAN")},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=bool(s.gpus_per_worker),
                                      resources_per_worker=resources),
         torch_config=LocalStoreTorchConfig(),  # DDP's rendezvous store on the node's address, not the wildcard
