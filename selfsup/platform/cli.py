@@ -271,16 +271,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Exit codes: 0 done, 1 a failure (a run that failed, corrupt data, a crash), 2 bad input or
     unreachable storage, 130 Ctrl-C, 143 SIGTERM. Every error is one line on stderr."""
-    from selfsup.pipelines.sources import SourceError
-    from selfsup.pipelines.storage import StorageError
-    from selfsup.platform.config import ConfigError
-    from selfsup.platform.runs import one_line_cause
-
     argv = list(sys.argv[1:] if argv is None else argv)
     i = next((n for n, a in enumerate(argv) if not a.startswith("-")), len(argv))
     if argv[i:i + 2] == ["shard", "verify"]:
         argv = [*argv[:i], "shard-verify", *argv[i + 2:]]
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)  # --help and usage errors end here, before torch is imported
+
+    from selfsup.pipelines.sources import SourceError
+    from selfsup.pipelines.storage import StorageError
+    from selfsup.platform.config import ConfigError
+    from selfsup.platform.runs import one_line_cause
     debug = args.debug or os.environ.get("SELFSUP_DEBUG", "") not in ("", "0")
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     try:
