@@ -25,7 +25,7 @@ import re
 import time
 from datetime import datetime, timezone
 
-from selfsup.pipelines.storage import Endpoint, Store, StorageError, open_store
+from selfsup.pipelines.storage import Endpoint, Store, StorageError, is_s3, join, open_store
 
 METRICS, SUMMARY, CONFIG, HEARTBEAT = "metrics.jsonl", "summary.json", "config.yaml", "heartbeat.json"
 CKPT_PREFIX = "checkpoint-"
@@ -60,8 +60,6 @@ def checkpoint_names(store: Store) -> list[str]:
 
 def resolve_run(run: str, root: str) -> str:
     """A run's URI from a URI (`s3://...`), a local path (`/...`, `./...`, `~/...`) or a name under `root`."""
-    from selfsup.pipelines.storage import is_s3, join
-
     if is_s3(run) or run.startswith(("/", "./", "../", "~")):
         return run.rstrip("/")
     return join(root, check_name(run))
