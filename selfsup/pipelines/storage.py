@@ -36,6 +36,10 @@ class Endpoint:
     access_key: str | None
     secret_key: str | None
     region: str = "us-east-1"
+    # A request that fails for want of the endpoint (refused, timed out, 5xx) is retried with
+    # backoff for this long before it is an error: an S3 restart or a network blip is not one.
+    # Short for one-off commands (a wrong endpoint answers fast); training sets storage.retry_s.
+    retry_s: float = 10.0
 
     def env(self) -> dict[str, str]:
         out = {"AWS_REGION": self.region}
@@ -106,10 +110,20 @@ def s3_client(ep: Endpoint):
     )
 
 
+def _pyarrow_attempts(retry_s: float) -> int:
+    """Attempts of the AWS SDK's default strategy that span `retry_s` seconds (measured: n attempts
+    give up after about 0.025 * 2**n s against a refused endpoint)."""
+    attempts = 1
+    while 0.025 * 2 ** attempts < retry_s:
+        attempts += 1
+    return attempts
+
+
 def pyarrow_fs(ep: Endpoint):
     from pyarrow import fs
 
-    kwargs = dict(region=ep.region, connect_timeout=5, request_timeout=60)
+    kwargs = dict(region=ep.region, connect_timeout=5, request_timeout=60,
+                  retry_strategy=fs.AwsDefaultS3RetryStrategy(max_attempts=_pyarrow_attempts(ep.retry_s)))
     if ep.url:
         scheme, _, host = ep.url.partition("://")
         kwargs.update(endpoint_override=host.rstrip("/"), scheme=scheme or "http")
@@ -161,6 +175,36 @@ def explain(exc: Exception, ep: Endpoint, what: str = "") -> StorageError:
             return StorageError(f"S3 endpoint {where} rejected the credentials ({code}){f' while {what}' if what else ''}")
         return StorageError(f"S3 endpoint {where} answered {code}{f' while {what}' if what else ''}")
     return StorageError(f"S3 endpoint {where}: {type(exc).__name__}: {exc}")
+
+
+_TRANSIENT_CODES = {"500", "502", "503", "504", "InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout"}
+
+
+def transient(exc: BaseException) -> bool:
+    """Whether a failed S3 request may succeed when tried again (the endpoint away for a while)."""
+    from boto3.exceptions import S3UploadFailedError
+    from botocore.exceptions import ClientError, ConnectionError as BotoConnectionError, HTTPClientError
+
+    if isinstance(exc, S3UploadFailedError) and isinstance(exc.__context__, Exception):
+        return transient(exc.__context__)
+    if isinstance(exc, (BotoConnectionError, HTTPClientError)):
+        return True
+    if isinstance(exc, ClientError):
+        err = exc.response.get("Error", {})
+        return err.get("Code") in _TRANSIENT_CODES or exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) >= 500
+    return False
+
+
+def retrying(ep: Endpoint, fn, *args, **kwargs):
+    """fn(*args, **kwargs), retried with exponential backoff (0.5 s up to 8 s) while it fails
+    transiently, for at most `ep.retry_s` seconds; then the last error is raised."""
+    import tenacity
+
+    for attempt in tenacity.Retrying(
+            retry=tenacity.retry_if_exception(transient), stop=tenacity.stop_after_delay(ep.retry_s),
+            wait=tenacity.wait_exponential(multiplier=0.5, max=8), reraise=True):
+        with attempt:
+            return fn(*args, **kwargs)
 
 
 class Store:
@@ -247,7 +291,7 @@ class S3Store(Store):
         self.uri = uri.rstrip("/")
         self.ep = ep
         self.bucket, self.prefix = split_s3(uri)
-        self.client = s3_client(ep)
+        self.client = _RetryingClient(s3_client(ep), ep)
         self._check(create_bucket)
 
     def _check(self, create: bool) -> None:
@@ -290,7 +334,8 @@ class S3Store(Store):
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
-            return self.client.get_object(Bucket=self.bucket, Key=self._k(key))["Body"].read()
+            raw = self.client._client  # the body's read fails mid-way too: retry the whole of it
+            return retrying(self.ep, lambda: raw.get_object(Bucket=self.bucket, Key=self._k(key))["Body"].read())
         except ClientError as e:
             if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
                 raise FileNotFoundError(self.url(key)) from None
@@ -305,7 +350,12 @@ class S3Store(Store):
         # boto3's managed transfer: multipart above 8 MiB, parts in parallel, retried.
         extra = {"Metadata": metadata} if metadata else None
         with self._errors(f"writing {self.url(key)}"):
-            self.client.upload_fileobj(fileobj, self.bucket, self._k(key), ExtraArgs=extra)
+            start = fileobj.tell()
+
+            def put():
+                fileobj.seek(start)  # a retry sends the object from its start
+                self.client._client.upload_fileobj(fileobj, self.bucket, self._k(key), ExtraArgs=extra)
+            retrying(self.ep, put)
 
     def _head(self, key):
         from botocore.exceptions import BotoCoreError, ClientError
@@ -331,8 +381,9 @@ class S3Store(Store):
         strip = len(self.prefix) + 1 if self.prefix else 0
         out = []
         with self._errors(f"listing {self.uri}"):
-            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full):
-                out += [o["Key"][strip:] for o in page.get("Contents", [])]
+            pages = self.client.get_paginator("list_objects_v2")
+            for o in retrying(self.ep, lambda: pages.paginate(Bucket=self.bucket, Prefix=full).build_full_result()).get("Contents", []):
+                out.append(o["Key"][strip:])
         return sorted(out)
 
     def delete(self, key):
@@ -341,6 +392,20 @@ class S3Store(Store):
 
     def open(self, key):
         return io.BytesIO(self.read(key))
+
+
+class _RetryingClient:
+    """A boto3 S3 client whose calls go through `retrying` (S3Store retries whole listings,
+    whole reads and rewound uploads itself)."""
+
+    def __init__(self, client, ep: Endpoint):
+        self._client, self._ep = client, ep
+
+    def __getattr__(self, name):
+        attr = getattr(self._client, name)
+        if not callable(attr) or name == "get_paginator":
+            return attr
+        return lambda *a, **k: retrying(self._ep, attr, *a, **k)
 
 
 def open_store(uri: str, ep: Endpoint | None = None, create: bool = False) -> Store:

@@ -1,8 +1,12 @@
 """Ray Data: shards in object storage -> decoded images -> SSL views, streamed to Ray Train workers.
 
-    read_binary_files (file order shuffled per epoch from a seed; one shard per row)
-      -> decode_shards: check sha256 against the manifest, untar, decode to uint8 (C, H, W)
+    read_binary_files (one epoch: shard order a function of (seed, epoch); one shard per row)
+      -> decode_shards: check sha256 against the manifest, untar, decode to uint8 (C, H, W),
+         leave out the samples a resumed epoch has already trained on
       -> with a view spec: its augmentations, batched (see views.py for the batch keys)
+
+The trainer builds one such dataset per epoch, so a restarted run reads exactly the shards and
+samples the interrupted epoch had left (see platform/train_loop.py's DataPosition).
 
 A corrupt, truncated or missing shard is skipped with a warning naming it and recorded in the
 `DataHealth` actor (the platform reports its count in the run's metrics); `strict=True` raises
@@ -175,11 +179,13 @@ def _report_bad(health: str | None, path: str, error: str) -> None:
 
 
 def decode_shards(batch: dict, sha: dict[str, str], strict: bool, health: str | None, spec=None,
-                  batch_size: int = 256):
+                  batch_size: int = 256, seen: bytes | None = None):
     """Shards -> decoded samples (index, image, label), or -> views when `spec` is given.
 
     One function for both so that Ray runs each shard in its own task and streams its output in
-    blocks of `batch_size`: as two fused map stages, Ray bundles every shard into one task."""
+    blocks of `batch_size`: as two fused map stages, Ray bundles every shard into one task.
+    `seen`: a bitmap (np.packbits) of sample indices to leave out."""
+    done = np.unpackbits(np.frombuffer(seen, np.uint8)).astype(bool) if seen else None
     for data, path in zip(batch["bytes"], batch["path"]):
         try:
             idx, images, labels = shard_samples(data, sha.get(path), name=path)
@@ -188,6 +194,9 @@ def decode_shards(batch: dict, sha: dict[str, str], strict: bool, health: str | 
                 raise
             _report_bad(health, path, str(e))
             continue
+        if done is not None:
+            keep = [i for i, k in enumerate(idx) if k >= len(done) or not done[k]]
+            idx, images, labels = [idx[i] for i in keep], [images[i] for i in keep], [labels[i] for i in keep]
         for i in range(0, len(idx), batch_size):
             out = {"index": np.asarray(idx[i:i + batch_size], np.int64), "label": np.asarray(labels[i:i + batch_size], np.int64)}
             if spec is None:
@@ -211,15 +220,34 @@ def shard_paths(manifest_uri: str, split: str, ep: Endpoint | None = None):
     return fs, paths, {p: s["sha256"] for p, s in zip(paths, shards)}, m
 
 
+def epoch_order(paths: list[str], seed: int | None, epoch: int) -> list[str]:
+    """The order an epoch reads its shards in: a function of (seed, epoch) alone (None: as listed)."""
+    if seed is None:
+        return list(paths)
+    return [paths[i] for i in np.random.default_rng([seed, epoch]).permutation(len(paths))]
+
+
+def shard_ranges(paths: list[str], manifest: dict, split: str) -> dict[str, tuple[int, int]]:
+    """{shard path: (first sample index, end)}: shards hold consecutive indices, in manifest order."""
+    out, start = {}, 0
+    for p, s in zip(paths, manifest["splits"][split]["shards"]):
+        out[p] = (start, start + s["num_samples"])
+        start += s["num_samples"]
+    return out
+
+
 def read_split(manifest_uri: str, split: str, ep: Endpoint | None = None, seed: int | None = 0,
-               strict: bool = False, health: str | None = None, spec=None, batch_size: int = 256):
-    """One split as a Ray Dataset: decoded samples (index, image uint8 C,H,W, label), or with
-    `spec` the training stream of views (batch keys as views.py documents them)."""
+               strict: bool = False, health: str | None = None, spec=None, batch_size: int = 256,
+               epoch: int = 0, seen: np.ndarray | None = None):
+    """One epoch of a split as a Ray Dataset: decoded samples (index, image uint8 C,H,W, label), or
+    with `spec` the training stream of views (batch keys as views.py documents them). Shards come
+    in `epoch_order(seed, epoch)`; `seen` (bool per sample index) leaves out samples already
+    trained on, and shards with none left are not read at all (None when no shard is left)."""
     import ray.data
     from pyarrow.fs import FileType
-    from ray.data import FileShuffleConfig
 
-    fs, paths, sha, _ = shard_paths(manifest_uri, split, ep)
+    fs, paths, sha, manifest = shard_paths(manifest_uri, split, ep)
+    ranges = shard_ranges(paths, manifest, split)
     for info in fs.get_file_info(paths):
         if info.type != FileType.File:
             if strict:
@@ -228,14 +256,19 @@ def read_split(manifest_uri: str, split: str, ep: Endpoint | None = None, seed: 
             paths.remove(info.path)
     if not paths:
         raise CorruptShard(f"every shard of split {split!r} of {manifest_uri} is missing")
-    ds = ray.data.read_binary_files(paths, filesystem=fs, include_paths=True,
-                                    shuffle=None if seed is None else FileShuffleConfig(seed=seed),
-                                    override_num_blocks=len(paths))
+    paths = epoch_order(paths, seed, epoch)
+    packed = None
+    if seen is not None and seen.any():
+        paths = [p for p in paths if not seen[ranges[p][0]:ranges[p][1]].all()]
+        packed = np.packbits(seen).tobytes()
+    if not paths:
+        return None
+    ds = ray.data.read_binary_files(paths, filesystem=fs, include_paths=True, override_num_blocks=len(paths))
     with warnings.catch_warnings():  # max_retries has no named parameter yet in Ray 2.60
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
         return ds.map_batches(decode_shards, batch_size=1, batch_format="numpy", max_retries=DATA_TASK_RETRIES,
                               fn_kwargs={"sha": sha, "strict": strict, "health": health, "spec": spec,
-                                         "batch_size": batch_size})
+                                         "batch_size": batch_size, "seen": packed})
 
 
 def data_health_actor(name: str):

@@ -11,7 +11,7 @@ the manifest is then written by the controller (`trainer.MetricsLog`) once Ray h
 upload, from the sizes and hashes rank 0 computed. Readers take the newest checkpoint whose
 manifest is there and whose files match it: one without a manifest (an upload cut short) or with a
 file cut short or changed is named in the log and passed over. Nothing is unpickled:
-`torch.load(weights_only=True)`.
+`torch.load(weights_only=True)`. `prune` keeps the newest K complete ones.
 """
 
 from __future__ import annotations
@@ -48,6 +48,23 @@ def write_manifest(store: Store, name: str, files: dict[str, dict]) -> None:
     """Mark checkpoint `name` complete: call only once its files are in storage."""
     check_name(name, "checkpoint")
     store.write(f"{name}/{MANIFEST}", json.dumps({"files": files}, indent=1).encode())
+
+
+def prune(store: Store, keep: int | None) -> list[str]:
+    """Delete all but the newest `keep` complete checkpoints, and every incomplete one older than
+    the newest complete one (Ray uploads in order: those will never complete). Returns the
+    deleted names."""
+    names = checkpoint_names(store)
+    complete = [n for n in names if store.exists(f"{n}/{MANIFEST}")]
+    if not complete:
+        return []
+    kept = set(complete[-keep:]) if keep else set(complete)
+    gone = [n for n in names if n not in kept and (n in complete or n < complete[-1])]
+    for n in gone:
+        # the manifest first: a deletion cut short leaves an incomplete checkpoint, never a wrong one
+        for key in sorted(store.list(f"{n}/"), key=lambda k: not k.endswith(MANIFEST)):
+            store.delete(key)
+    return gone
 
 
 class IncompleteCheckpoint(RunError):

@@ -89,6 +89,18 @@ class ScheduleConfig(Strict):
 class ScalingConfig(Strict):
     num_workers: int = Field(2, ge=1)
     min_workers: int | None = Field(None, ge=1)  # < num_workers: elastic between the two
+    # What a resize keeps: "global" keeps data.batch_size (the per-worker batch is global / world
+    # size, in steps of at most max_worker_batch by gradient accumulation); "per_worker" keeps
+    # data.batch_size / num_workers per worker (the global batch and, by optim.lr_scaling, the
+    # learning rate follow the world size).
+    batch_policy: Literal["global", "per_worker"] = "global"
+    max_worker_batch: int | None = Field(None, ge=1)  # None: no accumulation
+    # Recovery (see README "Elastic training"): how often a smaller run looks for room to grow,
+    # how long a new worker group may wait for its resources before the controller retries with
+    # a fresh view of the cluster, how often workers' health is polled.
+    resize_check_s: float = Field(2.0, gt=0)
+    worker_start_timeout_s: float = Field(5.0, gt=0)
+    health_check_s: float = Field(0.5, gt=0)
     cpus_per_worker: float = Field(0.5, gt=0)  # fractional on small machines: Ray Data needs CPUs too
     gpus_per_worker: float = Field(0, ge=0)
     torch_threads: int | None = Field(None, ge=1)  # None: the CPUs a worker may use, at least 1
@@ -101,7 +113,7 @@ class TrainConfig(Strict):
     checkpoint_every_epochs: float = Field(1.0, gt=0)  # also by steps and seconds: whichever comes first
     checkpoint_every_steps: int | None = Field(None, ge=1)
     checkpoint_every_s: float | None = Field(None, gt=0)  # wall-clock seconds since the last checkpoint
-    max_failures: int = Field(0, ge=0)
+    max_failures: int = Field(10, ge=-1)  # worker-group restarts (killed worker, lost node); -1: no limit
     rollback_after_skipped: int = Field(20, ge=1)  # updates skipped in a row (non-finite) before a rollback
     max_rollbacks: int = Field(3, ge=0)  # rollbacks to the last complete checkpoint before the run fails
     keep_checkpoints: int | None = Field(None, ge=1)  # None: keep every checkpoint
@@ -122,6 +134,9 @@ class EvalConfig(Strict):
 class StorageConfig(Strict):
     root: str = "s3://selfsup/runs"
     name: str | None = None  # None: <method>-<model>-<UTC time>
+    # While training, a request the endpoint does not answer (refused, timed out, 5xx) is
+    # retried with backoff this long: shard reads, checkpoint uploads, metrics. Then the run fails.
+    retry_s: float = Field(90.0, gt=0)
 
     @field_validator("name")
     @classmethod
@@ -181,6 +196,15 @@ class Config(Strict):
             raise ValueError(f"data.batch_size {self.data.batch_size} is not divisible by scaling.num_workers "
                              f"{self.scaling.num_workers}")
         return self
+
+    def batch_at(self, world: int) -> tuple[int, int, int]:
+        """(per-worker batch, global batch, micro-batches per step) on `world` workers, by
+        scaling.batch_policy: "global" keeps data.batch_size (rounded down to a multiple of the
+        world size), "per_worker" keeps data.batch_size / num_workers on each worker."""
+        s = self.scaling
+        per = self.data.batch_size // (world if s.batch_policy == "global" else s.num_workers)
+        accum = -(-per // s.max_worker_batch) if s.max_worker_batch else 1
+        return per, per * world, accum
 
     def method_params(self) -> dict[str, Any]:
         return {k: v for k, v in self.method.model_dump().items() if k != "name"}

@@ -96,14 +96,15 @@ def build_optimizer(method: Method, cfg: Config) -> torch.optim.Optimizer:
     return LARS(groups, lr=lr, momentum=o.momentum, eta=o.lars_eta)
 
 
-def base_lr(cfg: Config) -> float:
-    scale = cfg.data.batch_size / 256
+def base_lr(cfg: Config, batch: int | None = None) -> float:
+    """optim.lr for the global batch (data.batch_size unless given), by optim.lr_scaling."""
+    scale = (batch or cfg.data.batch_size) / 256
     return cfg.optim.lr * {"linear": scale, "sqrt": math.sqrt(scale), "none": 1.0}[cfg.optim.lr_scaling]
 
 
-def lr_at(cfg: Config, progress: float) -> float:
+def lr_at(cfg: Config, progress: float, batch: int | None = None) -> float:
     """Linear warm-up, then cosine to lr * min_lr_ratio."""
-    peak, o = base_lr(cfg), cfg.optim
+    peak, o = base_lr(cfg, batch), cfg.optim
     if progress < o.warmup_fraction:
         return peak * progress / o.warmup_fraction
     p = (progress - o.warmup_fraction) / (1 - o.warmup_fraction)
@@ -136,10 +137,16 @@ class Progress:
 
 
 class TrainStep:
-    """One optimizer step on one batch. Holds the (possibly DDP-wrapped) method and its optimizer."""
+    """One optimizer step on one batch. Holds the (possibly DDP-wrapped) method and its optimizer.
 
-    def __init__(self, method: Method, cfg: Config, device: torch.device):
+    `global_batch` sets the learning rate (by optim.lr_scaling); with `accum` > 1 the batch is cut
+    into that many micro-batches whose gradients add up before the one update (losses over the
+    batch, such as contrastive negatives, then see one micro-batch at a time)."""
+
+    def __init__(self, method: Method, cfg: Config, device: torch.device, global_batch: int | None = None,
+                 accum: int = 1):
         self.method = method
+        self.global_batch, self.accum = global_batch, accum
         self.model: nn.Module = method  # the train loop puts a DDP wrapper here when distributed
         self.cfg = cfg
         self.device = device
@@ -151,7 +158,7 @@ class TrainStep:
             method.to(memory_format=torch.channels_last)
 
     def set_schedules(self, progress: float) -> float:
-        lr, wd = lr_at(self.cfg, progress), wd_at(self.cfg, progress)
+        lr, wd = lr_at(self.cfg, progress, self.global_batch), wd_at(self.cfg, progress)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
             if g["base_wd"]:
@@ -167,12 +174,24 @@ class TrainStep:
         if self.channels_last:
             x = {k: v.contiguous(memory_format=torch.channels_last) if v.dim() == 4 else v for k, v in x.items()}
         self.model.train()
-        ctx = torch.autocast(self.device.type, dtype=self.dtype) if self.dtype else contextlib.nullcontext()
-        with ctx:
-            out = self.model(x)
-        loss = out["loss"]
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()  # even when non-finite: DDP's gradient all-reduce must run on every worker
+        n = next(iter(x.values())).shape[0]
+        m = min(self.accum, n)
+        cuts = [(i * n // m, (i + 1) * n // m) for i in range(m)]
+        sums: dict[str, float] = {}
+        for i, (a, b) in enumerate(cuts):
+            part = x if m == 1 else {k: v[a:b] for k, v in x.items()}
+            last = i == m - 1
+            # DDP all-reduces gradients on the last micro-batch only
+            sync = contextlib.nullcontext() if last or not hasattr(self.model, "no_sync") else self.model.no_sync()
+            ctx = torch.autocast(self.device.type, dtype=self.dtype) if self.dtype else contextlib.nullcontext()
+            with sync:
+                with ctx:
+                    out = self.model(part)
+                # even when non-finite: DDP's gradient all-reduce must run on every worker
+                (out["loss"] / m).backward()
+            for k, v in out.items():
+                sums[k] = sums.get(k, 0.0) + (float(v.detach()) if torch.is_tensor(v) else float(v)) / m
         self.method.after_backward(progress)
         # A non-finite loss, or a bf16 backward pass that overflowed though the loss is finite,
         # gives non-finite gradients: skip that update (as AMP's grad scaler does) rather than
@@ -185,8 +204,7 @@ class TrainStep:
         else:
             self.optimizer.step()
             self.method.after_step(progress)
-        metrics = {"grad_norm": float(norm), "skipped_update": float(skipped)}
-        metrics.update({k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in out.items()})
+        metrics = {"grad_norm": float(norm), "skipped_update": float(skipped), **sums}
         metrics["lr"] = lr
         metrics["step_time_s"] = time.perf_counter() - t0
         return metrics

@@ -1,5 +1,9 @@
-"""The Ray Train worker function: wraps the Ray-free TrainStep with DDP, the dataset shard,
-metric reports, kNN evaluation, checkpoints in storage and exact resume."""
+"""The Ray Train worker function: wraps the Ray-free TrainStep with DDP, the epoch's data stream,
+metric reports, kNN evaluation, checkpoints in storage and exact resume.
+
+A worker group may be restarted at any time (a killed worker, a lost or added node, a resize):
+the new group restores the newest complete checkpoint, its step, optimizer and data position, and
+continues the interrupted epoch with the samples that epoch had not yet trained on."""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import logging
 import tempfile
 import time
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -27,14 +32,70 @@ def _nan_loss(module, inputs, out):
     return {**out, "loss": out["loss"] * float("nan")}
 
 
-def restore(run_uri: str, ep: Endpoint | None, step_fn: TrainStep) -> tuple[int, float, str | None]:
-    """(step, elapsed training time, checkpoint name) after restoring the newest good checkpoint."""
+class DataPosition:
+    """Which samples of the current epoch the run has trained on: one bit per sample index.
+
+    Every worker marks the indices of the batches it steps on; at a checkpoint (every worker at
+    the same step) the marks are summed across workers into the bitmap the checkpoint stores. A
+    mark on a sample already marked counts as a repeat. A resumed epoch reads only the samples
+    its bitmap lacks, so within an epoch each sample is trained on at most once in the history
+    that survives: the steps after the last checkpoint are lost with a crash, and their samples
+    are read again after it."""
+
+    def __init__(self, n: int, epoch: int = 0, seen: np.ndarray | None = None, repeated: int = 0):
+        self.n, self.epoch, self.repeated = n, epoch, repeated
+        self.seen = np.zeros(n, bool) if seen is None else seen  # agreed by every worker
+        self.new = np.zeros(n, bool)  # this worker's marks since the last sync
+        self.local_repeats = 0
+
+    def mark(self, index: torch.Tensor) -> None:
+        idx = index.numpy()
+        idx = idx[(idx >= 0) & (idx < self.n)]
+        self.local_repeats += int(self.seen[idx].sum() + self.new[idx].sum())
+        self.new[idx] = True
+
+    def sync(self, world: int) -> None:
+        """Merge every worker's marks into `seen` (a collective: every worker calls it)."""
+        counts = torch.from_numpy(self.new.astype(np.int32))
+        repeats = torch.tensor([self.local_repeats], dtype=torch.int64)
+        if world > 1:
+            dist.all_reduce(counts)
+            dist.all_reduce(repeats)
+        c = counts.numpy()
+        self.repeated += int(repeats) + int(np.maximum(c - 1, 0).sum())
+        self.seen |= c > 0
+        self.new[:] = False
+        self.local_repeats = 0
+
+    def next_epoch(self, world: int) -> None:
+        self.sync(world)
+        self.epoch += 1
+        self.seen[:] = False
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "seen": torch.from_numpy(self.seen.copy()), "repeated": self.repeated}
+
+    @classmethod
+    def from_state(cls, n: int, state: dict | None) -> "DataPosition":
+        if not state:
+            return cls(n)
+        seen = state["seen"].numpy().astype(bool)
+        if len(seen) != n:  # the split changed under the run: its bitmap means nothing now
+            log.warning("the train split has %d samples, the checkpoint's data position %d: epoch %d restarts",
+                        n, len(seen), state["epoch"])
+            seen = None
+        return cls(n, int(state["epoch"]), seen, int(state.get("repeated", 0)))
+
+
+def restore(run_uri: str, ep: Endpoint | None, step_fn: TrainStep) -> tuple[int, float, str | None, dict | None]:
+    """(step, elapsed training time, checkpoint name, data position) after restoring the newest
+    good checkpoint."""
     state, name = read_checkpoint(run_uri, ep)
     if state is None:
-        return 0, 0.0, None
+        return 0, 0.0, None, None
     step_fn.load_state_dict(state)
     torch.set_rng_state(state["torch_rng"])
-    return int(state["step"]), float(state["elapsed"]), name
+    return int(state["step"]), float(state["elapsed"]), name, state.get("position")
 
 
 class Evaluator:
@@ -78,9 +139,30 @@ def _bad_shards(health: str | None) -> int:
         return 0
 
 
+def _epoch_stream(cfg: Config, ep: Endpoint | None, health: str | None, position: DataPosition, rank: int,
+                  world: int, local_bs: int):
+    """This worker's part of the epoch's data (None when the epoch has nothing left): rank 0 plans
+    the epoch's Ray Data stream and splits it in equal parts, one per worker."""
+    import ray.train.collective
+
+    from selfsup.pipelines.streaming import read_split
+
+    splits = None
+    if rank == 0:
+        ds = read_split(cfg.data.uri, cfg.data.train_split, ep, seed=cfg.data.seed, strict=cfg.data.strict,
+                        health=health, spec=cfg.data.views, batch_size=local_bs, epoch=position.epoch,
+                        seen=position.seen)
+        splits = None if ds is None else ds.streaming_split(world, equal=True)
+    if world > 1:
+        splits = ray.train.collective.broadcast_from_rank_zero(splits)
+    return None if splits is None else splits[rank]
+
+
 def train_func(config: dict) -> None:
     import ray.train
     import ray.train.torch
+    from ray.data import DataContext
+    from ray.train import CheckpointUploadMode
 
     cfg = validate(config["cfg"])
     ep = Endpoint(**config["ep"]) if config["ep"] else None
@@ -91,47 +173,56 @@ def train_func(config: dict) -> None:
     torch.set_num_threads(threads)
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.data.seed + rank)
+    DataContext.get_current().enable_progress_bars = False
 
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # not a line per report
+    local_bs, global_bs, accum = cfg.batch_at(world)
     method = build_method(cfg, n_train, ep).to(device)
-    step_fn = TrainStep(method, cfg, device)  # sets the memory format: before DDP builds its buckets
+    # sets the memory format: before DDP builds its buckets
+    step_fn = TrainStep(method, cfg, device, global_batch=global_bs, accum=accum)
     if world > 1:
         # No buffer sync after init: methods keep their cross-worker state in sync themselves (centres,
         # queues), and a memory bank must stay per worker (DeepCluster-v2 merges them to cluster).
         step_fn.model = torch.nn.parallel.DistributedDataParallel(
             method, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False)
-    step, elapsed, restored = restore(run_uri, ep, step_fn)
+    step, elapsed, restored, pos_state = restore(run_uri, ep, step_fn)
+    position = DataPosition.from_state(n_train, pos_state)
     if restored and rank == 0:
-        log.warning("resumed from %s/%s at step %d", run_uri, restored, step)
+        log.warning("resumed from %s/%s at step %d on %d worker(s), epoch %d at %d of %d samples", run_uri,
+                    restored, step, world, position.epoch, int(position.seen.sum()), n_train)
 
     steps_per_epoch = max(1, n_train // cfg.data.batch_size)
     progress = Progress(cfg, steps_per_epoch)
     evaluator = Evaluator(cfg, ep, device, step_fn.dtype) if rank == 0 else None
-    local_bs = cfg.data.batch_size // world
-    shard = ray.train.get_dataset_shard("train")
 
     def report(row: dict, checkpoint_dir: str | None = None) -> None:
         row = {"kind": row.pop("kind"), "step": step, "epoch": round(step / steps_per_epoch, 4), **row}
         ckpt = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        ray.train.report(row, checkpoint=ckpt, checkpoint_dir_name=checkpoint_name(step) if ckpt else None)
+        # Every report asynchronous: reports stay in order, and training goes on while a
+        # checkpoint uploads (Ray deletes the local copy once it is in storage).
+        ray.train.report(row, checkpoint=ckpt, checkpoint_dir_name=checkpoint_name(step) if ckpt else None,
+                         checkpoint_upload_mode=CheckpointUploadMode.ASYNC)
 
-    def evaluate_and_checkpoint(eval_now: bool, ckpt_now: bool) -> None:
+    def evaluate_and_checkpoint(eval_now: bool, ckpt_now: bool, why: str | None = None) -> None:
         row = {"kind": "eval" if eval_now else "checkpoint"}
         if ckpt_now:
-            row["checkpoint"] = checkpoint_name(step)
+            position.sync(world)
+            row.update(checkpoint=checkpoint_name(step), data_epoch=position.epoch,
+                       epoch_samples_seen=int(position.seen.sum()), samples_repeated=position.repeated)
+            if why:
+                row["checkpoint_reason"] = why
         if eval_now and rank == 0:
             row.update(evaluator(method))
         if not ckpt_now:
             report(row)
             return
-        with tempfile.TemporaryDirectory() as d:
-            if rank == 0:
-                epoch = step // steps_per_epoch
-                state = {**step_fn.state_dict(), "step": step, "epoch": epoch, "elapsed": elapsed,
-                         "torch_rng": torch.get_rng_state()}
-                # the controller writes these as the checkpoint's manifest once Ray has uploaded it
-                row["checkpoint_files"] = save_checkpoint(state, {"step": step, "epoch": epoch, "elapsed": elapsed}, d)
-            report(row, d if rank == 0 else None)
+        d = tempfile.mkdtemp(prefix="selfsup-ckpt-") if rank == 0 else None
+        if rank == 0:
+            meta = {"step": step, "epoch": position.epoch, "elapsed": elapsed}
+            state = {**step_fn.state_dict(), **meta, "torch_rng": torch.get_rng_state(), "position": position.state()}
+            # the controller writes these as the checkpoint's manifest once Ray has uploaded it
+            row["checkpoint_files"] = save_checkpoint(state, meta, d)
+        report(row, d)
 
     def period(n_epochs: float | None) -> int | None:
         return None if n_epochs is None else max(1, round(n_epochs * steps_per_epoch))
@@ -149,48 +240,66 @@ def train_func(config: dict) -> None:
         if world > 1:
             dist.broadcast(due, src=0)
         return bool(due.item())
+
+    noticed = set()  # preemption deadlines already answered with a checkpoint
+
+    def preemption_notice() -> str | None:
+        info = ray.train.get_preemption_info()  # the same on every worker (rank 0's)
+        if info is None or info.deadline_ms in noticed:
+            return None
+        noticed.add(info.deadline_ms)
+        left = "" if not info.deadline_ms else f" in {max(0.0, info.deadline_ms / 1000 - time.time()):.0f} s"
+        if rank == 0:
+            log.warning("node(s) %s will be preempted%s: checkpointing at step %d",
+                        ", ".join(n[:8] for n in info.preempted_node_to_ranks), left, step)
+        return "preemption"
+
     if step == 0 and cfg.eval.at_start:
         evaluate_and_checkpoint(True, False)
 
     def rollback(skipped: int, n: int) -> tuple[int, float]:
-        """Back to the last complete checkpoint after `skipped` non-finite updates in a row."""
+        """Back to the last complete checkpoint after `skipped` non-finite updates in a row (the
+        data stream goes on: the batches that diverged are not fed again)."""
         why = (f"{skipped} updates in a row were skipped (non-finite loss or gradients) at step {step}; "
                f"train.rollback_after_skipped={cfg.train.rollback_after_skipped}")
         if n > cfg.train.max_rollbacks:
             raise Diverged(f"{why}, after {n - 1} rollbacks (train.max_rollbacks={cfg.train.max_rollbacks}): the run "
                            "diverges; lower optim.lr or check the data")
-        new_step, new_elapsed, name = restore(run_uri, ep, step_fn)
+        new_step, new_elapsed, name, _ = restore(run_uri, ep, step_fn)
         if name is None:
             raise Diverged(f"{why}, and the run has no complete checkpoint to roll back to")
         if rank == 0:
             log.warning("%s: rolled back to %s (rollback %d of %d)", why, name, n, cfg.train.max_rollbacks)
         return new_step, new_elapsed
 
-    # An epoch is steps_per_epoch steps (the split's images once); each starts a new pass over
-    # the data, reshuffled. Every worker takes the same steps, so collectives stay in step.
+    # An epoch is one pass over the split, planned by rank 0 as its own stream (shard order a
+    # function of (seed, epoch)); every worker takes the same number of steps from it, so
+    # collectives stay in step. `epoch` in the metrics is steps / (split size // data.batch_size).
     window_t, window_steps, sums = time.perf_counter(), 0, {}
     skipped_in_a_row, rollbacks = 0, 0
     nan_from, nan_rollbacks = map(int, config["test_nan"].split(":")) if config.get("test_nan") else (None, 0)
     while not progress.done(step, elapsed):
-        epoch_end = (step // steps_per_epoch + 1) * steps_per_epoch
-        pass_start, rolled_back = step, False
-        method.start_epoch(step // steps_per_epoch)
-        for batch in shard.iter_torch_batches(batch_size=local_bs, drop_last=True,
-                                              prefetch_batches=cfg.data.prefetch_batches):
+        fresh = not position.seen.any()
+        stream = _epoch_stream(cfg, ep, health, position, rank, world, local_bs)
+        method.start_epoch(position.epoch)
+        pass_start, done = step, False
+        batches = [] if stream is None else stream.iter_torch_batches(
+            batch_size=local_bs, drop_last=True, prefetch_batches=cfg.data.prefetch_batches)
+        for batch in batches:
             t0 = time.perf_counter()
             poison = nan_from is not None and step + 1 >= nan_from and rollbacks < nan_rollbacks
             hook = method.register_forward_hook(_nan_loss) if poison else None
             metrics = step_fn(batch, progress(step, elapsed))
             if hook:
                 hook.remove()
+            position.mark(batch["index"])
             step += 1
             skipped_in_a_row = skipped_in_a_row + 1 if metrics["skipped_update"] else 0
             if skipped_in_a_row >= cfg.train.rollback_after_skipped:
                 rollbacks += 1
                 step, elapsed = rollback(skipped_in_a_row, rollbacks)
                 skipped_in_a_row, window_t, window_steps, sums = 0, time.perf_counter(), 0, {}
-                rolled_back = True
-                break  # a new pass over the data from the restored step
+                continue
             dt = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
             if world > 1 and progress.budget:  # every worker must stop at the same step
                 dist.all_reduce(dt, op=dist.ReduceOp.MAX)
@@ -199,25 +308,29 @@ def train_func(config: dict) -> None:
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + v
             done = progress.done(step, elapsed)
-            if step % cfg.train.log_every_steps == 0 or done or step == epoch_end:
+            if step % cfg.train.log_every_steps == 0 or done:
                 wall = time.perf_counter() - window_t
                 row = {k: v / window_steps for k, v in sums.items()}
-                row.update(kind="train", images_per_s=window_steps * cfg.data.batch_size / wall, workers=world,
-                           rollbacks=rollbacks,
+                row.update(kind="train", images_per_s=window_steps * global_bs / wall, workers=world,
+                           global_batch=global_bs, micro_batches=accum, rollbacks=rollbacks,
                            progress=round(progress(step, elapsed), 5), elapsed_s=round(elapsed, 2))
                 if rank == 0:
                     row["bad_shards"] = _bad_shards(health)
                 report(row)
                 window_t, window_steps, sums = time.perf_counter(), 0, {}
             eval_now = done or (eval_every is not None and step % eval_every == 0)
-            ckpt_now = checkpoint_due() or done
+            why = preemption_notice()
+            ckpt_now = why is not None or checkpoint_due() or done
             if eval_now or ckpt_now:
-                evaluate_and_checkpoint(eval_now, ckpt_now)
+                evaluate_and_checkpoint(eval_now, ckpt_now, why)
                 if ckpt_now:
                     last_ckpt = time.monotonic()
                 window_t = time.perf_counter()  # evaluation time is not training time
-            if done or step >= epoch_end:
+            if done:
                 break
-        if step == pass_start and not rolled_back:
-            raise RuntimeError(f"rank {rank} got no full batch of {local_bs} samples from the data: "
-                               "is the split smaller than one global batch?")
+        if done:
+            break
+        if step == pass_start and fresh:
+            raise RuntimeError(f"rank {rank} got no full batch of {local_bs} samples from epoch {position.epoch} "
+                               "of the data: is the split smaller than one global batch?")
+        position.next_epoch(world)

@@ -24,8 +24,9 @@ import ray.train
 from selfsup.methods import METHODS
 from selfsup.pipelines.shards import load_manifest
 from selfsup.pipelines.storage import Endpoint, Store, fs_and_path, is_s3, join, open_store, resolve_endpoint
-from selfsup.platform.checkpoints import write_manifest
+from selfsup.platform.checkpoints import prune, write_manifest
 from selfsup.platform.config import Config, ConfigError, to_yaml, validate
+from selfsup.platform.elastic import NODE_HEALTH, fast_coordinator, train_env
 from selfsup.platform.runs import (CONFIG, HEARTBEAT_S, METRICS, SUMMARY, RunError, merge_row, now, one_line_cause,
                                    read_metrics, read_summary, summarise, write_heartbeat)
 from selfsup.platform.tokenizer import fit_tokenizer
@@ -40,8 +41,8 @@ class Terminated(BaseException):
 class MetricsLog(ray.train.UserCallback):
     """Runs on the Ray Train controller: keeps metrics.jsonl and summary.json of the run."""
 
-    def __init__(self, run_uri: str, ep: Endpoint | None, summary: dict):
-        self.run_uri, self.ep, self.base = run_uri, ep, summary
+    def __init__(self, run_uri: str, ep: Endpoint | None, summary: dict, keep: int | None):
+        self.run_uri, self.ep, self.base, self.keep = run_uri, ep, summary, keep
         self._store: Store | None = None
         self.rows: list[dict] | None = None
 
@@ -59,6 +60,7 @@ class MetricsLog(ray.train.UserCallback):
         files = row.pop("checkpoint_files", None)
         if checkpoint is not None and files:
             write_manifest(store, row["checkpoint"], files)  # Ray has committed the upload: now it counts
+            prune(store, self.keep)
         self.rows = merge_row(self.rows, row)
         store.write(METRICS, "".join(json.dumps(r) + "\n" for r in self.rows).encode())
         # A report still in flight when the driver ended the run must not turn its status back.
@@ -114,7 +116,8 @@ def ensure_ray(num_cpus: int | None = None) -> bool:
         return False
     # With the dashboard: Ray Train's placement-group cleaner polls the state API it serves and
     # logs a warning every second without it. It also lets users watch the run at :8265.
-    ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
+    ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True,
+             _system_config=NODE_HEALTH)
     return True
 
 
@@ -190,6 +193,20 @@ def _sigterm_ends_run():
             signal.signal(signal.SIGTERM, old)
 
 
+@contextlib.contextmanager
+def _environ(env: dict[str, str]):
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def _fit(trainer) -> None:
     """trainer.fit() in a helper thread: Ray Train then installs no SIGINT handler of its own (it
     would abort the run and let fit() return as if finished), so Ctrl-C and SIGTERM reach this
@@ -211,19 +228,14 @@ def _fit(trainer) -> None:
 
 
 def _make_trainer(cfg: Config, ep: Endpoint | None, run_uri: str, base: dict, n_train: int, health_name: str):
-    """The TorchTrainer of the run: Ray Data stream of views, workers, storage, metrics callback."""
-    from ray.data import DataContext
+    """The TorchTrainer of the run: workers (elastic between scaling.min_workers and num_workers),
+    storage, metrics callback. The data stream is planned per epoch by the workers (train_loop.py)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from selfsup.pipelines.streaming import read_split
     from selfsup.platform.process_group import LocalStoreTorchConfig
     from selfsup.platform.train_loop import train_func
 
-    DataContext.get_current().enable_progress_bars = False  # travels with the dataset to Train's workers
-    local_bs = cfg.data.batch_size // cfg.scaling.num_workers
-    ds = read_split(cfg.data.uri, cfg.data.train_split, ep, seed=cfg.data.seed, strict=cfg.data.strict,
-                    health=health_name, spec=cfg.data.views, batch_size=local_bs)
     s = cfg.scaling
     resources = {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.gpus_per_worker else {})}
     workers = (s.min_workers, s.num_workers) if s.min_workers and s.min_workers < s.num_workers else s.num_workers
@@ -235,14 +247,15 @@ def _make_trainer(cfg: Config, ep: Endpoint | None, run_uri: str, base: dict, n_
                            # test-only: "STEP:N" makes the loss NaN from STEP on, for the first N rollbacks
                            "test_nan": os.environ.get("SELFSUP_TEST_NAN")},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=bool(s.gpus_per_worker),
-                                     resources_per_worker=resources),
+                                     resources_per_worker=resources,
+                                     elastic_resize_monitor_interval_s=s.resize_check_s),
         torch_config=LocalStoreTorchConfig(),  # DDP's rendezvous store on the node's address, not the wildcard
-        datasets={"train": ds},
         run_config=RunConfig(
             name=base["name"], storage_path=root_path, storage_filesystem=fs,
-            callbacks=[MetricsLog(run_uri, ep, base)],
+            callbacks=[MetricsLog(run_uri, ep, base, cfg.train.keep_checkpoints)],
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+            # MetricsLog keeps the newest train.keep_checkpoints *complete* ones (checkpoints.prune)
+            checkpoint_config=CheckpointConfig(num_to_keep=None),
         ),
     )
 
@@ -256,6 +269,8 @@ def train(cfg: Config, log=print) -> dict:
     n_train = preflight(cfg, manifest)
     if ep is None and is_s3(cfg.storage.root):
         ep = resolve_endpoint()
+    if ep is not None:  # from here on an endpoint away for a while is waited for
+        ep = dataclasses.replace(ep, retry_s=cfg.storage.retry_s)
     name = run_name(cfg)
     run_uri = join(cfg.storage.root, name)
     store = open_store(run_uri, ep, create=True)
@@ -282,7 +297,9 @@ def train(cfg: Config, log=print) -> dict:
                 check_resources(cfg, fixed)
                 health_name = f"selfsup-data-health-{name}"
                 health = data_health_actor(health_name)
-                _fit(_make_trainer(cfg, ep, run_uri, base, n_train, health_name))
+                fast_coordinator()
+                with _environ(train_env(cfg)):
+                    _fit(_make_trainer(cfg, ep, run_uri, base, n_train, health_name))
         status = "finished"
     except KeyboardInterrupt:
         status, error = "interrupted", "stopped by Ctrl-C"
