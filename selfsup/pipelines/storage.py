@@ -120,7 +120,15 @@ def _pyarrow_attempts(retry_s: float) -> int:
 
 
 def pyarrow_fs(ep: Endpoint):
+    """A pyarrow S3 filesystem (Ray Data reads, Ray Train checkpoint uploads) that retries for
+    `ep.retry_s` seconds, in this process and in every one it is pickled to."""
     from pyarrow import fs
+
+    class RetryingS3FileSystem(fs.S3FileSystem):
+        # pyarrow pickles an S3FileSystem without its retry strategy (3 quick attempts, then an
+        # error: a Ray Train controller would fail the run on an S3 restart): rebuild it instead.
+        def __reduce__(self):
+            return pyarrow_fs, (ep,)
 
     kwargs = dict(region=ep.region, connect_timeout=5, request_timeout=60,
                   retry_strategy=fs.AwsDefaultS3RetryStrategy(max_attempts=_pyarrow_attempts(ep.retry_s)))
@@ -129,7 +137,7 @@ def pyarrow_fs(ep: Endpoint):
         kwargs.update(endpoint_override=host.rstrip("/"), scheme=scheme or "http")
     if ep.access_key:
         kwargs.update(access_key=ep.access_key, secret_key=ep.secret_key)
-    return fs.S3FileSystem(**kwargs)
+    return RetryingS3FileSystem(**kwargs)
 
 
 def is_s3(uri: str) -> bool:

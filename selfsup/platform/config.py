@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, ValidationError, field_validator, model_validator
 
 from selfsup.methods import METHODS
 from selfsup.pipelines.storage import StorageError
@@ -103,6 +103,9 @@ class ScalingConfig(Strict):
     health_check_s: float = Field(0.5, gt=0)
     cpus_per_worker: float = Field(0.5, gt=0)  # fractional on small machines: Ray Data needs CPUs too
     gpus_per_worker: float = Field(0, ge=0)
+    # Custom Ray resources each worker also needs, e.g. {"spot_a10g": 1} to keep workers on the
+    # nodes that advertise it (ray start --resources)
+    extra_resources_per_worker: dict[str, NonNegativeFloat] = {}
     torch_threads: int | None = Field(None, ge=1)  # None: the CPUs a worker may use, at least 1
 
 

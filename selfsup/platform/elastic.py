@@ -52,8 +52,10 @@ def fast_coordinator() -> None:
         TICK_INTERVAL_S = 1
 
         def get_reserved_resources(self, requester_id, recompute: bool = False):
-            # Train's elastic policy asks before each (re)start: answer from the cluster as it is
-            return super().get_reserved_resources(requester_id, recompute=True)
+            # Train's elastic policy asks before each (re)start: answer from the cluster as it is.
+            # Ray Data's executors ("data-<id>") poll often: the 1 s tick is fresh enough for them.
+            fresh = recompute or not str(requester_id).startswith("data-")
+            return super().get_reserved_resources(requester_id, recompute=fresh)
 
     # The same options as Ray's get_or_create_autoscaling_coordinator(), which then finds this one.
     ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(FreshCoordinator).options(

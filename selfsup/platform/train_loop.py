@@ -87,33 +87,45 @@ class DataPosition:
         return cls(n, int(state["epoch"]), seen, int(state.get("repeated", 0)))
 
 
-def restore(run_uri: str, ep: Endpoint | None, step_fn: TrainStep) -> tuple[int, float, str | None, dict | None]:
-    """(step, elapsed training time, checkpoint name, data position) after restoring the newest
-    good checkpoint."""
-    state, name = read_checkpoint(run_uri, ep)
+def apply_state(step_fn: TrainStep, state: dict | None) -> tuple[int, float]:
+    """(step, elapsed training time) after loading a checkpoint's state (0, 0.0 without one)."""
     if state is None:
-        return 0, 0.0, None, None
+        return 0, 0.0
     step_fn.load_state_dict(state)
     torch.set_rng_state(state["torch_rng"])
-    return int(state["step"]), float(state["elapsed"]), name, state.get("position")
+    return int(state["step"]), float(state["elapsed"])
+
+
+def _from_rank_zero(value, world: int):
+    import ray.train.collective
+
+    return ray.train.collective.broadcast_from_rank_zero(value) if world > 1 else value
+
+
+def newest_state(run_uri: str, ep: Endpoint | None, rank: int, world: int) -> tuple[dict | None, str | None]:
+    """(state, name) of the newest complete checkpoint, the same one on every worker: rank 0
+    chooses (a checkpoint may complete while the workers look). A collective."""
+    state, name = read_checkpoint(run_uri, ep) if rank == 0 else (None, None)
+    name = _from_rank_zero(name, world)
+    if rank != 0 and name:
+        state, _ = read_checkpoint(run_uri, ep, name)
+    return state, name
 
 
 class Evaluator:
     """kNN on backbone features over fixed subsets of the labeled splits (rank 0 only)."""
 
     def __init__(self, cfg: Config, ep: Endpoint | None, device: torch.device, dtype):
-        from selfsup.platform.evaluate import load_labeled
-
-        e = cfg.eval
-        self.cfg, self.device, self.dtype = cfg, device, dtype
-        strict = cfg.data.strict
-        self.train = load_labeled(cfg.data.uri, e.train_split, e.train_samples, cfg.data.seed, ep, strict)
-        self.test = load_labeled(cfg.data.uri, e.test_split, e.test_samples, cfg.data.seed + 1, ep, strict)
+        self.cfg, self.ep, self.device, self.dtype = cfg, ep, device, dtype
+        self.train = self.test = None  # loaded at the first evaluation: not on a restart's way to training
 
     def __call__(self, method) -> dict[str, float]:
-        from selfsup.platform.evaluate import extract_features, knn_top1
+        from selfsup.platform.evaluate import extract_features, knn_top1, load_labeled
 
         c, e = self.cfg, self.cfg.eval
+        if self.train is None:
+            self.train = load_labeled(c.data.uri, e.train_split, e.train_samples, c.data.seed, self.ep, c.data.strict)
+            self.test = load_labeled(c.data.uri, e.test_split, e.test_samples, c.data.seed + 1, self.ep, c.data.strict)
         size = e.image_size or c.view_size()
         out = {}
         backbones = {"knn_top1": method.backbone}
@@ -139,23 +151,44 @@ def _bad_shards(health: str | None) -> int:
         return 0
 
 
-def _epoch_stream(cfg: Config, ep: Endpoint | None, health: str | None, position: DataPosition, rank: int,
-                  world: int, local_bs: int):
-    """This worker's part of the epoch's data (None when the epoch has nothing left): rank 0 plans
-    the epoch's Ray Data stream and splits it in equal parts, one per worker."""
-    import ray.train.collective
+_NEXT = object()  # the stream to take at the top of the epoch loop: the next epoch's
 
-    from selfsup.pipelines.streaming import read_split
 
-    splits = None
-    if rank == 0:
-        ds = read_split(cfg.data.uri, cfg.data.train_split, ep, seed=cfg.data.seed, strict=cfg.data.strict,
-                        health=health, spec=cfg.data.views, batch_size=local_bs, epoch=position.epoch,
-                        seen=position.seen)
-        splits = None if ds is None else ds.streaming_split(world, equal=True)
-    if world > 1:
-        splits = ray.train.collective.broadcast_from_rank_zero(splits)
-    return None if splits is None else splits[rank]
+class EpochStreams:
+    """Each epoch's data as one Ray Data stream, split in equal parts, one per worker.
+
+    Rank 0 plans every stream, and the next epoch's ahead of time: a stream's first batch takes
+    ~5 s to come when it is planned just before use (Ray Data starts a coordinator actor and its
+    tasks), ~0.7 s when planned an epoch before."""
+
+    def __init__(self, cfg: Config, ep: Endpoint | None, health: str | None, rank: int, world: int, local_bs: int):
+        self.cfg, self.ep, self.health, self.rank, self.world, self.local_bs = cfg, ep, health, rank, world, local_bs
+        self.ahead: tuple[int, list | None] | None = None
+
+    def _plan(self, epoch: int, seen: np.ndarray | None):
+        from selfsup.pipelines.streaming import read_split
+
+        c = self.cfg
+        ds = read_split(c.data.uri, c.data.train_split, self.ep, seed=c.data.seed, strict=c.data.strict,
+                        health=self.health, spec=c.data.views, batch_size=self.local_bs, epoch=epoch, seen=seen)
+        return None if ds is None else ds.streaming_split(self.world, equal=True)
+
+    def get(self, position: DataPosition):
+        """This worker's part of the epoch at `position` (None when it has nothing left). A collective."""
+        splits = None
+        if self.rank == 0:
+            fresh = not position.seen.any()
+            if self.ahead and self.ahead[0] == position.epoch and fresh:
+                splits = self.ahead[1]
+            else:
+                splits = self._plan(position.epoch, None if fresh else position.seen)
+        self.ahead = None
+        splits = _from_rank_zero(splits, self.world)
+        return None if splits is None else splits[self.rank]
+
+    def plan_next(self, epoch: int) -> None:
+        """Plan epoch `epoch` + 1 now (once training runs: a restart's first steps come first). A collective."""
+        self.ahead = (epoch + 1, _from_rank_zero(self._plan(epoch + 1, None) if self.rank == 0 else None, self.world))
 
 
 def train_func(config: dict) -> None:
@@ -175,8 +208,16 @@ def train_func(config: dict) -> None:
     torch.manual_seed(cfg.data.seed + rank)
     DataContext.get_current().enable_progress_bars = False
 
-    logging.getLogger("ray.train").setLevel(logging.WARNING)  # not a line per report
+    group_started = round(time.time(), 3)  # marks this worker group's rows: a restart or resize shows
     local_bs, global_bs, accum = cfg.batch_at(world)
+    steps_per_epoch = max(1, n_train // cfg.data.batch_size)
+    progress = Progress(cfg, steps_per_epoch)
+    # The checkpoint and the epoch's stream first: Ray Data starts the stream while the model builds.
+    state, restored = newest_state(run_uri, ep, rank, world)
+    position = DataPosition.from_state(n_train, state.get("position") if state else None)
+    streams = EpochStreams(cfg, ep, health, rank, world, local_bs)
+
+    stream = streams.get(position)
     method = build_method(cfg, n_train, ep).to(device)
     # sets the memory format: before DDP builds its buckets
     step_fn = TrainStep(method, cfg, device, global_batch=global_bs, accum=accum)
@@ -185,18 +226,16 @@ def train_func(config: dict) -> None:
         # queues), and a memory bank must stay per worker (DeepCluster-v2 merges them to cluster).
         step_fn.model = torch.nn.parallel.DistributedDataParallel(
             method, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False)
-    step, elapsed, restored, pos_state = restore(run_uri, ep, step_fn)
-    position = DataPosition.from_state(n_train, pos_state)
+    step, elapsed = apply_state(step_fn, state)
     if restored and rank == 0:
         log.warning("resumed from %s/%s at step %d on %d worker(s), epoch %d at %d of %d samples", run_uri,
                     restored, step, world, position.epoch, int(position.seen.sum()), n_train)
 
-    steps_per_epoch = max(1, n_train // cfg.data.batch_size)
-    progress = Progress(cfg, steps_per_epoch)
     evaluator = Evaluator(cfg, ep, device, step_fn.dtype) if rank == 0 else None
 
     def report(row: dict, checkpoint_dir: str | None = None) -> None:
-        row = {"kind": row.pop("kind"), "step": step, "epoch": round(step / steps_per_epoch, 4), **row}
+        row = {"kind": row.pop("kind"), "step": step, "epoch": round(step / steps_per_epoch, 4),
+               "time": round(time.time(), 3), **row}
         ckpt = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         # Every report asynchronous: reports stay in order, and training goes on while a
         # checkpoint uploads (Ray deletes the local copy once it is in storage).
@@ -265,7 +304,8 @@ def train_func(config: dict) -> None:
         if n > cfg.train.max_rollbacks:
             raise Diverged(f"{why}, after {n - 1} rollbacks (train.max_rollbacks={cfg.train.max_rollbacks}): the run "
                            "diverges; lower optim.lr or check the data")
-        new_step, new_elapsed, name, _ = restore(run_uri, ep, step_fn)
+        state, name = newest_state(run_uri, ep, rank, world)
+        new_step, new_elapsed = apply_state(step_fn, state)
         if name is None:
             raise Diverged(f"{why}, and the run has no complete checkpoint to roll back to")
         if rank == 0:
@@ -280,7 +320,8 @@ def train_func(config: dict) -> None:
     nan_from, nan_rollbacks = map(int, config["test_nan"].split(":")) if config.get("test_nan") else (None, 0)
     while not progress.done(step, elapsed):
         fresh = not position.seen.any()
-        stream = _epoch_stream(cfg, ep, health, position, rank, world, local_bs)
+        if stream is _NEXT:
+            stream = streams.get(position)
         method.start_epoch(position.epoch)
         pass_start, done = step, False
         batches = [] if stream is None else stream.iter_torch_batches(
@@ -294,6 +335,9 @@ def train_func(config: dict) -> None:
                 hook.remove()
             position.mark(batch["index"])
             step += 1
+            if step == pass_start + 1 and (progress.total_steps is None
+                                           or step + n_train // global_bs < progress.total_steps):
+                streams.plan_next(position.epoch)  # the run goes past this epoch
             skipped_in_a_row = skipped_in_a_row + 1 if metrics["skipped_update"] else 0
             if skipped_in_a_row >= cfg.train.rollback_after_skipped:
                 rollbacks += 1
@@ -312,7 +356,7 @@ def train_func(config: dict) -> None:
                 wall = time.perf_counter() - window_t
                 row = {k: v / window_steps for k, v in sums.items()}
                 row.update(kind="train", images_per_s=window_steps * global_bs / wall, workers=world,
-                           global_batch=global_bs, micro_batches=accum, rollbacks=rollbacks,
+                           global_batch=global_bs, micro_batches=accum, worker_group=group_started, rollbacks=rollbacks,
                            progress=round(progress(step, elapsed), 5), elapsed_s=round(elapsed, 2))
                 if rank == 0:
                     row["bad_shards"] = _bad_shards(health)
@@ -334,3 +378,4 @@ def train_func(config: dict) -> None:
             raise RuntimeError(f"rank {rank} got no full batch of {local_bs} samples from epoch {position.epoch} "
                                "of the data: is the split smaller than one global batch?")
         position.next_epoch(world)
+        stream = _NEXT

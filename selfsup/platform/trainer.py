@@ -121,13 +121,19 @@ def ensure_ray(num_cpus: int | None = None) -> bool:
     return True
 
 
+def worker_resources(cfg: Config) -> dict[str, float]:
+    s = cfg.scaling
+    return {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.gpus_per_worker else {}),
+            **{k: v for k, v in s.extra_resources_per_worker.items() if v}}
+
+
 def check_resources(cfg: Config, fixed: bool) -> None:
     """Fail at once when the cluster can never place the run's minimum of workers (on a fixed-size
     cluster; one with an autoscaler may still grow, so there it is a warning)."""
     import ray
 
     s = cfg.scaling
-    need = {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.gpus_per_worker else {})}
+    need = worker_resources(cfg)
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
     fit = sum(int(min(r.get(k, 0.0) / v for k, v in need.items()) + 1e-9) for r in nodes)
     minimum = s.min_workers or s.num_workers
@@ -136,7 +142,7 @@ def check_resources(cfg: Config, fixed: bool) -> None:
     have = ", ".join(f"{k} {sum(r.get(k, 0.0) for r in nodes):g} (at most {max((r.get(k, 0.0) for r in nodes), default=0):g} "
                      f"on one node)" for k in need)
     msg = (f"the run needs {minimum} worker(s) of {', '.join(f'{k} {v:g}' for k, v in need.items())} "
-           f"(scaling.cpus_per_worker, scaling.gpus_per_worker) but the Ray cluster has {have} across "
+           f"(scaling.cpus_per_worker, gpus_per_worker, extra_resources_per_worker) but the Ray cluster has {have} across "
            f"{len(nodes)} node(s): room for {fit}")
     if fixed:
         raise ConfigError(msg)
@@ -230,14 +236,14 @@ def _fit(trainer) -> None:
 def _make_trainer(cfg: Config, ep: Endpoint | None, run_uri: str, base: dict, n_train: int, health_name: str):
     """The TorchTrainer of the run: workers (elastic between scaling.min_workers and num_workers),
     storage, metrics callback. The data stream is planned per epoch by the workers (train_loop.py)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from selfsup.platform.process_group import LocalStoreTorchConfig
     from selfsup.platform.train_loop import train_func
 
     s = cfg.scaling
-    resources = {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.gpus_per_worker else {})}
+    resources = worker_resources(cfg)
     workers = (s.min_workers, s.num_workers) if s.min_workers and s.min_workers < s.num_workers else s.num_workers
     fs, root_path = fs_and_path(cfg.storage.root, ep)
     return TorchTrainer(
@@ -256,6 +262,7 @@ def _make_trainer(cfg: Config, ep: Endpoint | None, run_uri: str, base: dict, n_
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             # MetricsLog keeps the newest train.keep_checkpoints *complete* ones (checkpoints.prune)
             checkpoint_config=CheckpointConfig(num_to_keep=None),
+            logging_config=LoggingConfig(log_level="WARNING"),  # not a line per report on the console
         ),
     )
 
