@@ -1,9 +1,9 @@
 """One training run under one real fault, on a multi-node Ray cluster on this machine.
 
-    python tests/elastic_run.py SCENARIO OUT.json [--ray-defaults] [--steps N] [--at STEP]
+    python tests/elastic_run.py FAULT[,FAULT...] OUT.json [--ray-defaults] [--steps N] [--at STEP]
 
-SCENARIO: kill-worker (kill -9 of a train worker process), node-loss (the node of a worker
-removed without notice), drain (that node drained with a 10 s preemption notice and removed at its
+FAULT: kill-worker (kill -9 of a train worker process), node-loss (the node of a worker
+removed without notice), drain (that node drained with a 15 s preemption notice and removed at its
 deadline; once the run has checkpointed on the one node left, a node is added back), s3-outage
 (the embedded S3 server stopped for 20 s). `--ray-defaults` runs with Ray 2.60's own
 recovery settings instead of the platform's. Used by tests/test_elastic.py and
@@ -60,7 +60,8 @@ def config(args, elastic: bool):
         "model.name=resnet10t", "model.cifar_stem=false", "method.proj_hidden_dim=64", "method.proj_dim=32",
         "eval.train_samples=0", "eval.test_samples=0", "eval.k=5", "eval.at_start=false", "eval.every_epochs=null",
         f"storage.root={ROOT}", f"storage.name={NAME}", f"schedule.steps={args.steps}",
-        "train.log_every_steps=2", "train.checkpoint_every_steps=6", "train.max_failures=-1",
+        f"train.log_every_steps={args.log_every}", f"train.checkpoint_every_steps={args.checkpoint_every}",
+        "train.max_failures=-1",
         "scaling.num_workers=2", "scaling.cpus_per_worker=0.5", "scaling.extra_resources_per_worker={slot: 1}",
     ]
     if elastic:
@@ -119,23 +120,76 @@ def node_of_worker(cluster) -> tuple:
     raise RuntimeError("no Ray Train worker process found")
 
 
+FAULTS = ("kill-worker", "node-loss", "drain", "s3-outage")
+
+
+def inject(name: str, cluster, nodes: list, home: str, out: dict) -> None:
+    """One fault, recorded in `out`; returns once the run trains again after it."""
+    from selfsup.pipelines.seaweed import EmbeddedS3
+
+    before = train_rows()
+    group, fault = before[-1]["worker_group"], time.time()
+    out.update(fault=name, fault_step=before[-1]["step"])
+    if name == "kill-worker":
+        os.kill(node_of_worker(cluster)[1], 9)
+    elif name == "node-loss":
+        cluster.remove_node(node_of_worker(cluster)[0])
+    elif name == "drain":
+        node, _ = node_of_worker(cluster)
+        subprocess.run([os.path.join(os.path.dirname(sys.executable), "ray"), "drain-node",
+                        f"--address={cluster.address}", f"--node-id={node.node_id}",
+                        "--reason=DRAIN_NODE_REASON_PREEMPTION", "--reason-message=elastic test",
+                        "--deadline-remaining-seconds=15"], check=True, capture_output=True)
+        out["deadline"] = fault + 15
+        time.sleep(max(0.0, out["deadline"] - time.time()))
+        fault = time.time()  # recovery counts from the node's loss
+        cluster.remove_node(node)  # what the cloud does at the deadline
+    else:
+        server = EmbeddedS3(home)
+        server.down()
+        time.sleep(20)
+        server.up()
+        out["outage_s"] = round(time.time() - fault, 1)
+        return
+    new = wait_for(lambda: [r for r in train_rows() if r["worker_group"] != group], 300, "a new worker group")
+    out["recovery_s"] = round(new[0]["time"] - fault, 2)
+    out["resumed_at_step"] = max((c["step"] for c in checkpoint_rows() if c["step"] < new[0]["step"]), default=0)
+    out["steps_repeated"] = max(0, out["fault_step"] - out["resumed_at_step"])
+    if name == "drain":  # once the run has checkpointed on the node left, a node comes back
+        one = wait_for(lambda: [r for r in train_rows() if r["workers"] == 1], 300, "steps on one worker")
+        wait_for(lambda: any(r["time"] > one[0]["time"] for r in checkpoint_rows()), 300, "a checkpoint on one worker")
+        added = time.time()
+        nodes.append(cluster.add_node(**WORKER_NODE))
+        grown = wait_for(lambda: [r for r in train_rows() if r["time"] > added and r["workers"] == 2], 300,
+                         "the run to grow back")
+        out["grow_s"] = round(grown[0]["time"] - added, 2)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("scenario", choices=["kill-worker", "node-loss", "drain", "s3-outage"])
+    ap.add_argument("faults", help=f"comma-separated, in order: {', '.join(FAULTS)}")
     ap.add_argument("out")
     ap.add_argument("--ray-defaults", action="store_true")
     ap.add_argument("--steps", type=int, default=60)
-    ap.add_argument("--at", type=int, default=12, help="the step after which the fault comes")
+    # Ray Train takes one report per health check (0.5 s) and uploads checkpoints one at a time
+    # (~3-5 s for this one on 2 busy cores): more often than that, reports queue up behind training.
+    ap.add_argument("--log-every", type=int, default=2)
+    ap.add_argument("--checkpoint-every", type=int, default=6)
+    ap.add_argument("--at", type=int, default=12, help="the step after which the first fault comes; "
+                                                       "each next one 6 steps after the run trains again")
     args = ap.parse_args()
+    faults = args.faults.split(",")
+    if set(faults) - set(FAULTS):
+        ap.error(f"unknown fault(s) {', '.join(sorted(set(faults) - set(FAULTS)))}")
 
     import ray
     from ray.cluster_utils import Cluster
 
-    from selfsup.pipelines.seaweed import EmbeddedS3, exported
+    from selfsup.pipelines.seaweed import exported
     from selfsup.platform.elastic import NODE_HEALTH
     from selfsup.platform.trainer import train
 
-    result: dict = {"scenario": args.scenario, "settings": "ray-defaults" if args.ray_defaults else "platform"}
+    result: dict = {"settings": "ray-defaults" if args.ray_defaults else "platform", "faults": []}
     home = os.environ["SELFSUP_HOME"]
     with exported(home):
         synthetic_data(os.path.join(home, "synthetic.npz"))
@@ -151,56 +205,22 @@ def main() -> None:
                     get_or_create_autoscaling_coordinator
                 get_or_create_autoscaling_coordinator()
             box: dict = {}
+            elastic = bool({"node-loss", "drain"} & set(faults))
 
             def run():
                 try:
-                    box["summary"] = train(config(args, args.scenario in ("node-loss", "drain")), log=lambda *_: None)
+                    box["summary"] = train(config(args, elastic), log=lambda *_: None)
                 except BaseException as e:  # reported in the result
                     box["error"] = f"{type(e).__name__}: {e}"
 
             t = threading.Thread(target=run, daemon=True)
             t.start()
-            wait_for(lambda: any(r["step"] >= args.at for r in train_rows()), 300, f"step {args.at}")
-            before = train_rows()
-            group = before[-1]["worker_group"]
-            fault = time.time()
-            result["fault_step"] = before[-1]["step"]
-            if args.scenario == "kill-worker":
-                os.kill(node_of_worker(cluster)[1], 9)
-            elif args.scenario == "node-loss":
-                node, _ = node_of_worker(cluster)
-                cluster.remove_node(node)
-            elif args.scenario == "drain":
-                node, _ = node_of_worker(cluster)
-                subprocess.run([os.path.join(os.path.dirname(sys.executable), "ray"), "drain-node",
-                                f"--address={cluster.address}", f"--node-id={node.node_id}",
-                                "--reason=DRAIN_NODE_REASON_PREEMPTION", "--reason-message=elastic test",
-                                "--deadline-remaining-seconds=10"], check=True, capture_output=True)
-                result["deadline"] = fault + 10
-            else:
-                server = EmbeddedS3(home)
-                server.down()
-                time.sleep(20)
-                server.up()
-                result["outage_s"] = round(time.time() - fault, 1)
-            if args.scenario == "drain":
-                time.sleep(max(0.0, result["deadline"] - time.time()))
-                fault = time.time()  # recovery counts from the node's loss
-                cluster.remove_node(node)  # what the cloud does at the deadline
-            if args.scenario != "s3-outage":
-                new = wait_for(lambda: [r for r in train_rows() if r["worker_group"] != group], 300, "a new worker group")
-                result["recovery_s"] = round(new[0]["time"] - fault, 2)
-                result["resumed_at_step"] = new[0]["step"] - 1
-                result["steps_repeated"] = max(0, result["fault_step"] - result["resumed_at_step"])
-            if args.scenario == "drain":
-                one = wait_for(lambda: [r for r in train_rows() if r["workers"] == 1], 300, "steps on one worker")
-                wait_for(lambda: any(r["time"] > one[0]["time"] for r in checkpoint_rows()), 300,
-                         "a checkpoint on one worker")
-                added = time.time()
-                nodes.append(cluster.add_node(**WORKER_NODE))
-                grown = wait_for(lambda: [r for r in train_rows() if r["time"] > added and r["workers"] == 2], 300,
-                                 "the run to grow back")
-                result["grow_s"] = round(grown[0]["time"] - added, 2)
+            at = args.at
+            for name in faults:
+                wait_for(lambda: any(r["step"] >= at for r in train_rows()), 300, f"step {at}")
+                result["faults"].append({})
+                inject(name, cluster, nodes, home, result["faults"][-1])
+                at = train_rows()[-1]["step"] + 6
             t.join(600)
             result.update({k: box[k] for k in ("summary", "error") if k in box})
         finally:

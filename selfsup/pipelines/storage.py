@@ -362,7 +362,7 @@ class S3Store(Store):
 
             def put():
                 fileobj.seek(start)  # a retry sends the object from its start
-                self.client._client.upload_fileobj(fileobj, self.bucket, self._k(key), ExtraArgs=extra)
+                self.client._client.upload_fileobj(_KeepOpen(fileobj), self.bucket, self._k(key), ExtraArgs=extra)
             retrying(self.ep, put)
 
     def _head(self, key):
@@ -400,6 +400,20 @@ class S3Store(Store):
 
     def open(self, key):
         return io.BytesIO(self.read(key))
+
+
+class _KeepOpen:
+    """A file object boto3 cannot close: it closes the one it was given when an upload fails,
+    and a retry reads it again."""
+
+    def __init__(self, f):
+        self._f = f
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+    def close(self):
+        pass
 
 
 class _RetryingClient:

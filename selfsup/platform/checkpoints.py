@@ -62,7 +62,8 @@ def prune(store: Store, keep: int | None) -> list[str]:
     gone = [n for n in names if n not in kept and (n in complete or n < complete[-1])]
     for n in gone:
         # the manifest first: a deletion cut short leaves an incomplete checkpoint, never a wrong one
-        for key in sorted(store.list(f"{n}/"), key=lambda k: not k.endswith(MANIFEST)):
+        keys = [k for k in store.list(n) if k.startswith(f"{n}/")]
+        for key in sorted(keys, key=lambda k: not k.endswith(MANIFEST)):
             store.delete(key)
     return gone
 

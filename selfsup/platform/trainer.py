@@ -60,7 +60,10 @@ class MetricsLog(ray.train.UserCallback):
         files = row.pop("checkpoint_files", None)
         if checkpoint is not None and files:
             write_manifest(store, row["checkpoint"], files)  # Ray has committed the upload: now it counts
-            prune(store, self.keep)
+            try:
+                prune(store, self.keep)
+            except Exception as e:  # a checkpoint too many is no reason to stop training
+                log_.warning("could not delete old checkpoints of %s: %s", self.run_uri, one_line_cause(e))
         self.rows = merge_row(self.rows, row)
         store.write(METRICS, "".join(json.dumps(r) + "\n" for r in self.rows).encode())
         # A report still in flight when the driver ended the run must not turn its status back.
