@@ -5,7 +5,7 @@ about 25 s (measured with `ray.cluster_utils.Cluster` on a 2-core machine). The 
 
 - Ray's GCS declaring a node dead: `health_check_period_ms` 3000 x `health_check_failure_threshold`
   5 with a 10 s timeout (~15 s). Cluster-wide, so it is set where the cluster starts: here for the
-  local cluster the trainer starts, in `infra/` for real ones (`ray start --system-config`).
+  local cluster the trainer starts, with `ray start --head --system-config=...` on others (README).
 - Ray Train's worker-group start timeout (`RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S`, 60 s): after a
   failure the controller asks for the old size; when that no longer fits, the placement group waits
   this long before the controller retries with a fresh view -> `scaling.worker_start_timeout_s`.
