@@ -31,7 +31,7 @@ import sys
 import time
 from pathlib import Path
 
-from selfsup.pipelines.storage import Endpoint, StorageError
+from selfsup.pipelines.storage import Endpoint, StorageError, environ
 
 PORT_FLAGS = (
     "s3.port", "s3.port.grpc", "master.port", "master.port.grpc", "volume.port", "volume.port.grpc",
@@ -427,16 +427,10 @@ def exported(home: str | os.PathLike):
     variables (and so in Ray workers started meanwhile); both undone at the end. For tests and benchmarks."""
     server = EmbeddedS3(home)
     ep = server.up()
-    old = {k: os.environ.get(k) for k in ep.env()}
-    os.environ.update(ep.env())
     try:
-        yield ep
+        with environ(ep.env()):
+            yield ep
     finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
         server.down()
 
 

@@ -55,6 +55,22 @@ class Endpoint:
         return self.url or "AWS S3"
 
 
+@contextlib.contextmanager
+def environ(env: dict[str, str]):
+    """These variables set in this process (and so in Ray processes started meanwhile) for the
+    block, then as they were."""
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def endpoint_from_env(environ: dict[str, str] | None = None) -> Endpoint | None:
     """The endpoint the standard AWS variables name, or None when they name none."""
     env = os.environ if environ is None else environ

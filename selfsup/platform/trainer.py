@@ -23,7 +23,7 @@ import ray.train
 
 from selfsup.methods import METHODS
 from selfsup.pipelines.shards import load_manifest
-from selfsup.pipelines.storage import Endpoint, Store, fs_and_path, is_s3, join, open_store, resolve_endpoint
+from selfsup.pipelines.storage import Endpoint, Store, environ, fs_and_path, is_s3, join, open_store, resolve_endpoint
 from selfsup.platform.checkpoints import prune, write_manifest
 from selfsup.platform.config import Config, ConfigError, to_yaml, validate
 from selfsup.platform.elastic import NODE_HEALTH, fast_coordinator, train_env
@@ -202,20 +202,6 @@ def _sigterm_ends_run():
             signal.signal(signal.SIGTERM, old)
 
 
-@contextlib.contextmanager
-def _environ(env: dict[str, str]):
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 def _fit(trainer) -> None:
     """trainer.fit() in a helper thread: Ray Train then installs no SIGINT handler of its own (it
     would abort the run and let fit() return as if finished), so Ctrl-C and SIGTERM reach this
@@ -308,7 +294,7 @@ def train(cfg: Config, log=print) -> dict:
                 health_name = f"selfsup-data-health-{name}"
                 health = data_health_actor(health_name)
                 fast_coordinator()
-                with _environ(train_env(cfg)):
+                with environ(train_env(cfg)):
                     _fit(_make_trainer(cfg, ep, run_uri, base, n_train, health_name))
         status = "finished"
     except KeyboardInterrupt:
