@@ -124,3 +124,22 @@ def test_the_pyarrow_filesystem_keeps_its_retries_when_pickled_to_a_ray_worker()
     with pytest.raises(OSError):
         fs.open_input_stream("bucket/key").read()
     assert time.monotonic() - t >= 2  # pyarrow's own pickling drops the strategy: 3 attempts in ~0.2 s
+
+
+def test_only_failures_a_restart_can_fix_are_retried():
+    from ray.exceptions import ActorDiedError
+
+    from selfsup.pipelines.streaming import CorruptShard
+    from selfsup.platform.train_loop import Diverged
+    from selfsup.platform.trainer import unrecoverable
+
+    bug = {0: ValueError("model.kwargs for 'resnet10t' ..."), 1: ValueError("model.kwargs for 'resnet10t' ...")}
+    assert unrecoverable(bug, None) is None  # the first time: it may be a passing fault
+    assert unrecoverable(bug, "ValueError: model.kwargs for 'resnet10t' ...") == "ValueError: model.kwargs for 'resnet10t' ..."
+    assert unrecoverable(bug, "ValueError: something else") is None
+    assert unrecoverable({0: Diverged("20 updates in a row were skipped")}, None) == \
+        "Diverged: 20 updates in a row were skipped"
+    assert unrecoverable({1: CorruptShard("shard-00001.tar: bad")}, None) == "CorruptShard: shard-00001.tar: bad"
+    # a dead worker takes the others' collectives down with it: retried however often it happens
+    died = {0: RuntimeError("Connection closed by peer"), 1: ActorDiedError()}
+    assert unrecoverable(died, None) is None and unrecoverable(died, "RuntimeError: Connection closed by peer") is None

@@ -3,7 +3,6 @@ sees every position, a linear head predicts the raw pixels, L1 loss on the maske
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from selfsup.methods.base import Method, Params, collapse_probe

@@ -21,6 +21,7 @@ import io
 import json
 import logging
 import os
+import time
 
 import torch
 
@@ -68,6 +69,17 @@ def prune(store: Store, keep: int | None) -> list[str]:
     return gone
 
 
+def wait_complete(run_uri: str, ep: Endpoint | None, name: str, timeout_s: float) -> bool:
+    """Wait up to `timeout_s` for checkpoint `name` (reported, perhaps still uploading) to complete."""
+    store = open_store(run_uri, ep)
+    deadline = time.monotonic() + timeout_s
+    while not store.exists(f"{name}/{MANIFEST}"):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
+
+
 class IncompleteCheckpoint(RunError):
     """A checkpoint without its manifest, or with a file that does not match it."""
 
@@ -104,13 +116,15 @@ def read_checkpoint(run_uri: str, ep: Endpoint | None, name: str | None = None) 
             raise RunError(f"run {run_uri} has no checkpoint {name!r} (it has: {', '.join(names) or 'none'})")
         names = [name]
     names = names[::-1]
+    failed = []
     for n in names:
         try:
             return load_checkpoint(store, n), n
         except Exception as e:
             why = str(e) if isinstance(e, IncompleteCheckpoint) else f"{type(e).__name__}: {e}"
+            failed.append(f"{n}: {why}")
             log.error("checkpoint %s failed to load (%s)%s", store.url(n), why,
                       "; trying the one before it" if n != names[-1] else "")
     if names:
-        raise RunError(f"no checkpoint of {run_uri} loads (tried {', '.join(names)})")
+        raise RunError(f"no checkpoint of {run_uri} loads ({'; '.join(failed)})")
     return None, None

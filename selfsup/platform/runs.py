@@ -38,6 +38,11 @@ class RunError(StorageError):
     """A run, checkpoint or name that does not exist or cannot be read. One line for the user."""
 
 
+class RunFailed(RuntimeError):
+    """The run ended on a failure that restarting its workers cannot fix; `str()` is its cause
+    as `Type: message`, taken from the worker that raised it."""
+
+
 def check_name(name: str, what: str = "run") -> str:
     """The rule for run, sweep and trial names: one path part of letters, digits, `.`, `_`, `-`,
     starting with a letter or digit (so never `..`, never nested, never absolute)."""
@@ -168,11 +173,14 @@ def one_line_cause(exc: BaseException) -> str:
         if failures:
             exc = failures[min(failures)]
             continue
-        inner = getattr(exc, "controller_failure", None) or getattr(exc, "cause", None) or exc.__cause__
+        inner = (getattr(exc, "controller_failure", None) or getattr(exc, "cause", None)
+                 or getattr(exc, "_base_exc", None) or exc.__cause__)  # _base_exc: Ray Train's wrap of a worker's error
         if isinstance(inner, BaseException):
             exc = inner
             continue
         break
+    if isinstance(exc, RunFailed):
+        return str(exc)
     text = str(exc).strip()
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     # Ray's remote errors put a traceback before the message: the last line is the cause.

@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from selfsup.pipelines.storage import Endpoint
 from selfsup.platform.config import Config, validate
-from selfsup.platform.checkpoints import read_checkpoint, save_checkpoint
+from selfsup.platform.checkpoints import read_checkpoint, save_checkpoint, wait_complete
 from selfsup.platform.runs import checkpoint_name
 from selfsup.platform.step import Progress, TrainStep, build_method
 
@@ -102,9 +102,13 @@ def _from_rank_zero(value, world: int):
     return ray.train.collective.broadcast_from_rank_zero(value) if world > 1 else value
 
 
-def newest_state(run_uri: str, ep: Endpoint | None, rank: int, world: int) -> tuple[dict | None, str | None]:
+def newest_state(run_uri: str, ep: Endpoint | None, rank: int, world: int,
+                 reported: str | None = None) -> tuple[dict | None, str | None]:
     """(state, name) of the newest complete checkpoint, the same one on every worker: rank 0
-    chooses (a checkpoint may complete while the workers look). A collective."""
+    chooses (a checkpoint may complete while the workers look), after waiting a little for the
+    checkpoint it `reported` last to finish uploading. A collective."""
+    if rank == 0 and reported and not wait_complete(run_uri, ep, reported, 30.0):
+        log.warning("checkpoint %s is still not complete after 30 s: taking the newest complete one", reported)
     state, name = read_checkpoint(run_uri, ep) if rank == 0 else (None, None)
     name = _from_rank_zero(name, world)
     if rank != 0 and name:
@@ -232,6 +236,7 @@ def train_func(config: dict) -> None:
                     restored, step, world, position.epoch, int(position.seen.sum()), n_train)
 
     evaluator = Evaluator(cfg, ep, device, step_fn.dtype) if rank == 0 else None
+    reported = [None]  # the checkpoint rank 0 reported last (it may still be uploading)
 
     def report(row: dict, checkpoint_dir: str | None = None) -> None:
         row = {"kind": row.pop("kind"), "step": step, "epoch": round(step / steps_per_epoch, 4),
@@ -257,6 +262,7 @@ def train_func(config: dict) -> None:
             return
         d = tempfile.mkdtemp(prefix="selfsup-ckpt-") if rank == 0 else None
         if rank == 0:
+            reported[0] = checkpoint_name(step)
             meta = {"step": step, "epoch": position.epoch, "elapsed": elapsed}
             state = {**step_fn.state_dict(), **meta, "torch_rng": torch.get_rng_state(), "position": position.state()}
             # the controller writes these as the checkpoint's manifest once Ray has uploaded it
@@ -304,7 +310,7 @@ def train_func(config: dict) -> None:
         if n > cfg.train.max_rollbacks:
             raise Diverged(f"{why}, after {n - 1} rollbacks (train.max_rollbacks={cfg.train.max_rollbacks}): the run "
                            "diverges; lower optim.lr or check the data")
-        state, name = newest_state(run_uri, ep, rank, world)
+        state, name = newest_state(run_uri, ep, rank, world, reported[0])
         new_step, new_elapsed = apply_state(step_fn, state)
         if name is None:
             raise Diverged(f"{why}, and the run has no complete checkpoint to roll back to")

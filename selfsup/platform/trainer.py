@@ -27,7 +27,7 @@ from selfsup.pipelines.storage import Endpoint, Store, environ, fs_and_path, is_
 from selfsup.platform.checkpoints import prune, write_manifest
 from selfsup.platform.config import Config, ConfigError, to_yaml, validate
 from selfsup.platform.elastic import NODE_HEALTH, fast_coordinator, train_env
-from selfsup.platform.runs import (CONFIG, HEARTBEAT_S, METRICS, SUMMARY, RunError, merge_row, now, one_line_cause,
+from selfsup.platform.runs import (CONFIG, HEARTBEAT_S, METRICS, SUMMARY, RunError, RunFailed, merge_row, now, one_line_cause,
                                    read_metrics, read_summary, summarise, write_heartbeat)
 from selfsup.platform.tokenizer import fit_tokenizer
 
@@ -38,13 +38,43 @@ class Terminated(BaseException):
     """SIGTERM reached the driver (`ray job stop`, a scheduler): the run ends as `terminated`."""
 
 
+def unrecoverable(errors: dict[int, BaseException], previous: str | None) -> str | None:
+    """The cause to end the run with, when restarting the worker group cannot fix this failure:
+    a divergence or (with data.strict) a corrupt shard, or the same exception raised by the
+    training code twice in a row with no report in between (`previous` is the last failure's
+    cause, None after progress). A worker or node that died is always retried."""
+    from ray.exceptions import NodeDiedError, ObjectLostError, OutOfMemoryError, RayActorError, WorkerCrashedError
+
+    from selfsup.pipelines.streaming import CorruptShard
+    from selfsup.platform.train_loop import Diverged
+
+    died = (RayActorError, WorkerCrashedError, NodeDiedError, OutOfMemoryError, ObjectLostError)
+    if any(isinstance(e, died) for e in errors.values()):
+        return None  # a process died (killed, out of memory, node lost): a restart may well succeed
+    for rank in sorted(errors):
+        if isinstance(errors[rank], (Diverged, CorruptShard)):
+            return one_line_cause(errors[rank])
+    cause = one_line_cause(errors[min(errors)])
+    return cause if cause == previous else None
+
+
 class MetricsLog(ray.train.UserCallback):
-    """Runs on the Ray Train controller: keeps metrics.jsonl and summary.json of the run."""
+    """Runs on the Ray Train controller: keeps metrics.jsonl and summary.json of the run, and
+    ends the run on a failure that a restart cannot fix (instead of train.max_failures restarts
+    into the same error)."""
 
     def __init__(self, run_uri: str, ep: Endpoint | None, summary: dict, keep: int | None):
         self.run_uri, self.ep, self.base, self.keep = run_uri, ep, summary, keep
         self._store: Store | None = None
         self.rows: list[dict] | None = None
+        self.failure: str | None = None  # the last failure's cause, until the next report
+
+    def after_exception(self, run_context, worker_exceptions):
+        cause = unrecoverable(worker_exceptions, self.failure)
+        self.failure = one_line_cause(worker_exceptions[min(worker_exceptions)])
+        if cause:
+            # A ControllerError is never retried: the controller ends the run with it, quietly.
+            raise ray.train.ControllerError(RunFailed(cause))
 
     def _load(self) -> Store:
         if self._store is None:
@@ -53,6 +83,7 @@ class MetricsLog(ray.train.UserCallback):
         return self._store
 
     def after_report(self, run_context, metrics, checkpoint):
+        self.failure = None
         store = self._load()
         row = dict(metrics[0])  # rank 0 reports the run's metrics; the others report the same step
         if "kind" not in row:
