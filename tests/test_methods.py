@@ -15,7 +15,7 @@ from selfsup.methods.barlowtwins import barlow_twins_loss
 from selfsup.methods.base import collapse_probe
 from selfsup.methods.byol import regression_loss
 from selfsup.methods.clustering import spherical_kmeans
-from selfsup.methods.mocov2 import MoCoV2, info_nce, shuffled_forward
+from selfsup.methods.mocov2 import info_nce, shuffled_forward
 from selfsup.methods.mocov3 import contrastive
 from selfsup.methods.simsiam import negative_cosine
 from selfsup.methods.swav import sinkhorn, swapped_prediction

@@ -1,12 +1,9 @@
 """Masked image modeling: the ViT wrapper (token dropping, mask tokens, attention maps), reference
 losses, HOG, the BEiT tokenizer from the shards, MAE's reconstruction function."""
 
-import json
-import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from selfsup.methods.backbones import build_backbone
 from selfsup.methods.beit import BEiT, BEiTParams, fit_codebook, normalised_patches
