@@ -96,6 +96,32 @@ def _train(args) -> int:
     return 0 if summary["status"] == "finished" else 1
 
 
+def _tune(args) -> int:
+    from selfsup.platform.runs import format_trials
+    from selfsup.platform.sweeps import tune_sweep
+
+    state = tune_sweep(args.config, args.overrides, space=args.space, searcher=args.searcher, samples=args.samples,
+                       metric=args.metric, mode=args.mode, grace_period=args.grace_period,
+                       max_concurrent=args.max_concurrent, name=args.name)
+    print(format_trials(state))
+    return 0
+
+
+def _sweeps(args) -> int:
+    from selfsup.platform.runs import format_sweeps, format_trials, list_sweeps, show_sweep
+
+    if args.action == "list":
+        sweeps, bad = list_sweeps(args.root)
+        print(format_sweeps(sweeps))
+        for line in bad:
+            print(f"selfsup: error: {line}", file=sys.stderr)
+        return 1 if bad else 0
+    if not args.sweep:
+        raise UsageError("sweeps show needs SWEEP (a name under --root)")
+    print(format_trials(show_sweep(args.root, args.sweep)))
+    return 0
+
+
 def _runs(args) -> int:
     from selfsup.pipelines.storage import open_store
     from selfsup.platform.runs import format_runs, list_runs, read_metrics, read_summary, resolve_run
@@ -207,6 +233,32 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     s.set_defaults(func=_train)
 
+    s = sub.add_parser("tune", help="a Ray Tune sweep over config keys, ASHA early stopping (resumable)",
+                       description="Sweep CONFIG (with KEY=VALUE overrides) over a search space; each trial is a run "
+                                   "under <storage.root>/<sweep>/. Rerunning the same command continues the sweep. "
+                                   "Writes trials.csv, sweep.json and best.yaml (for `selfsup train`) beside the trials.")
+    s.add_argument("config")
+    s.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    s.add_argument("--space", help="a space YAML file or a shipped space (contrastive, clustering, dino, two_views, "
+                                   "masked); default: the method's family")
+    s.add_argument("--searcher", choices=["grid", "random", "optuna"],
+                   help="default: grid when every entry is a grid, else random")
+    s.add_argument("--samples", type=int, help="trials to draw (each grid point this many times); default 8 (grid: 1)")
+    s.add_argument("--metric", default="knn_top1", help="the evaluation metric ASHA and the best trial go by")
+    s.add_argument("--mode", default="max", choices=["max", "min"])
+    s.add_argument("--grace-period", type=int, default=1,
+                   help="evaluations (eval.every_epochs) a trial gets before ASHA may stop it")
+    s.add_argument("--max-concurrent", type=int, help="trials at once (default: as many as the local cluster holds)")
+    s.add_argument("--name", help="the sweep's name (default: CONFIG-SPACE, so a rerun continues it)")
+    s.set_defaults(func=_tune)
+
+    s = sub.add_parser("sweeps", help="list sweeps or show one sweep's trials",
+                       description="Read sweeps (sweep.json and their trials' runs) from S3 or a local root.")
+    s.add_argument("action", choices=["list", "show"])
+    s.add_argument("sweep", nargs="?", help="for show: a sweep name under --root")
+    s.add_argument("--root", default=DEFAULT_RUNS)
+    s.set_defaults(func=_sweeps)
+
     s = sub.add_parser("config", help="show the resolved config", description="Print CONFIG with overrides applied and "
                        "every default filled in.")
     s.add_argument("action", choices=["show"])
@@ -221,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("runs", help="list runs or show one run's summary and metrics",
                        description="Read runs (summary.json, metrics.jsonl) from S3 or a local root.")
     s.add_argument("action", choices=["list", "show"])
-    s.add_argument("run", nargs="?", help="for show: a run name under --root, or its URI")
+    s.add_argument("run", nargs="?", help="for show: a run name under --root (a sweep's trial: SWEEP/TRIAL), or its URI")
     s.add_argument("--root", default=DEFAULT_RUNS)
     s.add_argument("--tail", type=int, default=20, help="metric rows to print (0: all)")
     s.set_defaults(func=_runs)
@@ -275,7 +327,12 @@ def main(argv: list[str] | None = None) -> int:
     i = next((n for n, a in enumerate(argv) if not a.startswith("-")), len(argv))
     if argv[i:i + 2] == ["shard", "verify"]:
         argv = [*argv[:i], "shard-verify", *argv[i + 2:]]
-    args = build_parser().parse_args(argv)  # --help and usage errors end here, before torch is imported
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)  # --help and usage errors end here, before torch is imported
+    if extra:  # KEY=VALUE overrides after an option (`tune CONFIG --space S k=v`): argparse leaves them over
+        if not hasattr(args, "overrides") or any(e.startswith("-") for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides += extra
 
     from selfsup.pipelines.sources import SourceError
     from selfsup.pipelines.storage import StorageError

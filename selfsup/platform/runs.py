@@ -14,8 +14,18 @@ metrics.jsonl and summary.json. S3 has no append: it rewrites the file, and on a
 it and drops rows that the resumed run is about to report again (nothing lost, nothing twice).
 
 Status: `running` while the driver lives, then `finished`, `failed` (with `error`), `interrupted`
-(Ctrl-C) or `terminated` (SIGTERM). A driver killed outright writes nothing more: readers show such a
-run as `lost` once its heartbeat is older than LOST_AFTER_S.
+(Ctrl-C) or `terminated` (SIGTERM), or `stopped` (a sweep's trial that ASHA stopped early). A driver
+killed outright writes nothing more: readers show such a run as `lost` once its heartbeat is older
+than LOST_AFTER_S.
+
+A sweep (`<storage.root>/<sweep>/`, sweeps.py) holds its trials as runs, `<sweep>/<trial>/` (named
+`SWEEP/TRIAL` wherever a run name is taken), each with a trial.json (its parameters), and:
+
+    sweep.json    spec (base config, space, searcher, metric, mode), status, the trials, the best
+    space.yaml    the search space, as parsed
+    trials.csv    one row per trial: status, stopped early, step, final and best metric, parameters
+    best.yaml     the best trial's whole config, for `selfsup train`
+    _tune/        Ray Tune's experiment state (what a rerun continues from)
 """
 
 from __future__ import annotations
@@ -28,6 +38,7 @@ from datetime import datetime, timezone
 from selfsup.pipelines.storage import Endpoint, Store, StorageError, is_s3, join, open_store
 
 METRICS, SUMMARY, CONFIG, HEARTBEAT = "metrics.jsonl", "summary.json", "config.yaml", "heartbeat.json"
+SWEEP, SPACE, TRIALS, BEST, TRIAL, TUNE_DIR = "sweep.json", "space.yaml", "trials.csv", "best.yaml", "trial.json", "_tune"
 CKPT_PREFIX = "checkpoint-"
 HEARTBEAT_S, LOST_AFTER_S = 10.0, 60.0
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -64,9 +75,13 @@ def checkpoint_names(store: Store) -> list[str]:
 
 
 def resolve_run(run: str, root: str) -> str:
-    """A run's URI from a URI (`s3://...`), a local path (`/...`, `./...`, `~/...`) or a name under `root`."""
+    """A run's URI from a URI (`s3://...`), a local path (`/...`, `./...`, `~/...`), a name under
+    `root`, or a sweep's trial `SWEEP/TRIAL`."""
     if is_s3(run) or run.startswith(("/", "./", "../", "~")):
         return run.rstrip("/")
+    if run.count("/") == 1:
+        sweep, trial = run.split("/")
+        return join(root, check_name(sweep, "sweep"), check_name(trial, "trial"))
     return join(root, check_name(run))
 
 
@@ -148,10 +163,14 @@ def _iso(t: float) -> str:
 
 
 def list_runs(root: str, ep: Endpoint | None = None) -> tuple[list[dict], list[str]]:
-    """(summaries of the runs directly under `root`, one line per run whose files are unreadable)."""
+    """(summaries of the runs under `root`, sweeps' trials as `SWEEP/TRIAL`; one line per run
+    whose files are unreadable)."""
     store = open_store(root, ep)
-    names = sorted({k.split("/")[0] for k in store.list()
-                    if k.count("/") == 1 and k.endswith("/" + SUMMARY) and _NAME.fullmatch(k.split("/")[0])})
+    keys = store.list()
+    sweeps = {k.split("/")[0] for k in keys if k.count("/") == 1 and k.endswith("/" + SWEEP)}
+    names = sorted({k.rsplit("/", 1)[0] for k in keys if k.endswith("/" + SUMMARY)
+                    and all(_NAME.fullmatch(p) for p in k.split("/")[:-1])
+                    and (k.count("/") == 1 or (k.count("/") == 2 and k.split("/")[0] in sweeps))})
     out, bad = [], []
     for name in names:
         try:
@@ -201,4 +220,125 @@ def format_runs(runs: list[dict]) -> str:
         lines.append(f"{r['name'][:40]:40} {str(r.get('status', '?')):11} {str(r.get('method', '?')):7} "
                      f"{str(r.get('backbone', '?'))[:22]:22} {num('step'):>7} {num('epoch'):>6.2f} "
                      f"{f('knn_first'):>9} {f('knn_best'):>8}")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------ sweeps
+def read_sweep(store: Store) -> dict | None:
+    """The sweep.json at `store` (None when there is none)."""
+    try:
+        s = json.loads(store.read(SWEEP))
+    except FileNotFoundError:
+        return None
+    except ValueError:
+        s = None
+    if not isinstance(s, dict) or "spec" not in s:
+        raise RunError(f"{store.url(SWEEP)} is not a sweep's state (corrupt file?)")
+    return s
+
+
+def evals(rows: list[dict], metric: str) -> list[dict]:
+    """The evaluations a sweep compares trials by: not the one of the random init at step 0."""
+    return [r for r in rows if r["kind"] == "eval" and metric in r and r["step"] > 0]
+
+
+def trials_of(store: Store, spec: dict, ep: Endpoint | None = None) -> list[dict]:
+    """One row per trial of the sweep at `store`, read from the trials' runs (live while it runs)."""
+    metric, sign = spec["metric"], 1 if spec["mode"] == "max" else -1
+    names = sorted({k.split("/")[0] for k in store.list() if k.count("/") == 1 and k.endswith("/" + TRIAL)})
+    out = []
+    for n in names:
+        if not _NAME.fullmatch(n):
+            continue
+        try:
+            trial = json.loads(store.read(f"{n}/{TRIAL}"))
+            summary = read_summary(store, n)
+            done = evals(read_metrics(open_store(join(store.uri, n), ep)), metric)
+        except (ValueError, RunError) as e:
+            trial, summary, done = {}, {"status": "unreadable", "error": str(e)}, []
+        out.append({"trial": n, "status": summary.get("status", "pending"),
+                    "stopped_early": bool(summary.get("stopped_early")), "step": summary.get("step", 0),
+                    f"final_{metric}": done[-1][metric] if done else None,
+                    f"best_{metric}": max(done, key=lambda r: sign * r[metric])[metric] if done else None,
+                    "params": trial.get("params", {})})
+    return out
+
+
+def best_trial(rows: list[dict], spec: dict) -> dict | None:
+    """The finished trial with the best final metric (any trial with one, when none finished)."""
+    key, sign = f"final_{spec['metric']}", 1 if spec["mode"] == "max" else -1
+    scored = [r for r in rows if r[key] is not None]
+    pool = [r for r in scored if r["status"] == "finished"] or scored
+    return max(pool, key=lambda r: sign * r[key]) if pool else None
+
+
+def trials_csv(rows: list[dict], spec: dict) -> str:
+    import csv
+    import io
+
+    m, labels = spec["metric"], list(spec["space"])
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["trial", "status", "stopped_early", "step", f"final_{m}", f"best_{m}", *labels])
+    for r in rows:
+        w.writerow([r["trial"], r["status"], r["stopped_early"], r["step"], r[f"final_{m}"], r[f"best_{m}"],
+                    *(r["params"].get(k) for k in labels)])
+    return buf.getvalue()
+
+
+def format_trials(state: dict) -> str:
+    """A sweep's trials as a table for the console."""
+    spec = state["spec"]
+    m, labels = spec["metric"], list(spec["space"])
+
+    def num(v):
+        return f"{v:7.4f}" if isinstance(v, float) else f"{'-':>7}"
+
+    def val(v):
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    lines = [f"sweep {state['name']} ({state['status']}), {m} ({spec['mode']}):",
+             f"{'trial':13} {'status':9} {'early':5} {'step':>6} {'final':>7} {'best':>7}  " + "  ".join(labels)]
+    for r in state.get("trials", []):
+        lines.append(f"{r['trial'][:13]:13} {r['status']:9} {'yes' if r['stopped_early'] else 'no':5} {r['step']:>6} "
+                     f"{num(r[f'final_{m}'])} {num(r[f'best_{m}'])}  "
+                     + "  ".join(f"{val(r['params'].get(k)):>{len(k)}}" for k in labels))
+    if state.get("best"):
+        lines.append(f"best: {state['best']}; its config: {join(state['uri'], BEST)}")
+    return "\n".join(lines)
+
+
+def list_sweeps(root: str, ep: Endpoint | None = None) -> tuple[list[dict], list[str]]:
+    """(the sweeps directly under `root`, one line per sweep whose state is unreadable)."""
+    store = open_store(root, ep)
+    names = sorted({k.split("/")[0] for k in store.list() if k.count("/") == 1 and k.endswith("/" + SWEEP)})
+    out, bad = [], []
+    for n in names:
+        if not _NAME.fullmatch(n):
+            continue
+        try:
+            out.append(read_sweep(open_store(join(root, n), ep)))
+        except RunError as e:
+            bad.append(str(e))
+    return out, bad
+
+
+def show_sweep(root: str, name: str, ep: Endpoint | None = None) -> dict:
+    """Sweep `name` under `root` with its trials as they are now."""
+    store = open_store(join(root, check_name(name, "sweep")), ep)
+    state = read_sweep(store)
+    if state is None:
+        raise RunError(f"no sweep at {store.uri} (no {SWEEP})")
+    return {**state, "trials": trials_of(store, state["spec"], ep)}
+
+
+def format_sweeps(sweeps: list[dict]) -> str:
+    lines = [f"{'sweep':32} {'status':9} {'searcher':8} {'trials':>6} {'metric':10} {'best trial':13} {'best':>7}"]
+    for s in sweeps:
+        spec, trials = s["spec"], s.get("trials", [])
+        m = spec["metric"]
+        best = next((t for t in trials if t["trial"] == s.get("best")), None)
+        value = f"{best[f'final_{m}']:7.4f}" if best and best[f"final_{m}"] is not None else f"{'-':>7}"
+        lines.append(f"{s['name'][:32]:32} {s['status']:9} {spec['searcher']:8} {len(trials):>6} {m[:10]:10} "
+                     f"{str(s.get('best') or '-')[:13]:13} {value}")
     return "\n".join(lines)

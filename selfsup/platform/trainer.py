@@ -253,7 +253,8 @@ def _fit(trainer) -> None:
         raise box["error"]
 
 
-def _make_trainer(cfg: Config, ep: Endpoint | None, run_uri: str, base: dict, n_train: int, health_name: str):
+def _make_trainer(cfg: Config, ep: Endpoint | None, run_uri: str, base: dict, n_train: int, health_name: str,
+                  callbacks: list):
     """The TorchTrainer of the run: workers (elastic between scaling.min_workers and num_workers),
     storage, metrics callback. The data stream is planned per epoch by the workers (train_loop.py)."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
@@ -278,7 +279,7 @@ def _make_trainer(cfg: Config, ep: Endpoint | None, run_uri: str, base: dict, n_
         torch_config=LocalStoreTorchConfig(),  # DDP's rendezvous store on the node's address, not the wildcard
         run_config=RunConfig(
             name=base["name"], storage_path=root_path, storage_filesystem=fs,
-            callbacks=[MetricsLog(run_uri, ep, base, cfg.train.keep_checkpoints)],
+            callbacks=[MetricsLog(run_uri, ep, base, cfg.train.keep_checkpoints), *callbacks],
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             # MetricsLog keeps the newest train.keep_checkpoints *complete* ones (checkpoints.prune)
             checkpoint_config=CheckpointConfig(num_to_keep=None),
@@ -287,8 +288,9 @@ def _make_trainer(cfg: Config, ep: Endpoint | None, run_uri: str, base: dict, n_
     )
 
 
-def train(cfg: Config, log=print) -> dict:
-    """Run (or resume) training; returns the run's summary."""
+def train(cfg: Config, log=print, callbacks: list = ()) -> dict:
+    """Run (or resume) training; returns the run's summary. `callbacks`: more Ray Train
+    UserCallbacks (a sweep's trial reports its evaluations to Tune with one)."""
     from selfsup.pipelines.streaming import data_health_actor
 
     ep: Endpoint | None = resolve_endpoint() if is_s3(cfg.data.uri) else None
@@ -326,7 +328,7 @@ def train(cfg: Config, log=print) -> dict:
                 health = data_health_actor(health_name)
                 fast_coordinator()
                 with environ(train_env(cfg)):
-                    _fit(_make_trainer(cfg, ep, run_uri, base, n_train, health_name))
+                    _fit(_make_trainer(cfg, ep, run_uri, base, n_train, health_name, list(callbacks)))
         status = "finished"
     except KeyboardInterrupt:
         status, error = "interrupted", "stopped by Ctrl-C"
