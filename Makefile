@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test setup clean
+.PHONY: demo test setup clean image
 
 setup: $(STAMP) $(FMNIST)
 
@@ -29,6 +29,12 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+# The container image for clusters (infra/docker/Dockerfile): VARIANT=cuda (default) or cpu.
+# Needs Docker; not part of `make test`.
+VARIANT ?= cuda
+image:
+	docker build -f infra/docker/Dockerfile --build-arg VARIANT=$(VARIANT) -t selfsup:0.1.0-$(VARIANT) .
 
 clean:
 	rm -rf $(VENV) build *.egg-info
