@@ -110,8 +110,12 @@ def test_ray_job_submit_runs_a_training_job_to_completion(ray_head, tiny_labeled
                             capture_output=True, text=True, timeout=60)
     assert "Job 'selfsup-test-job' succeeded" in status.stdout, status.stdout + status.stderr  # SUCCEEDED
     store = open_store(f"{root}/{name}")
-    assert read_summary(store)["status"] == "finished"
-    assert [r["step"] for r in read_metrics(store) if r["kind"] == "train"][-1] == 3
+    summary = read_summary(store)
+    assert summary["status"] == "finished"
+    train_rows = [r for r in read_metrics(store) if r["kind"] == "train"]
+    assert train_rows[-1]["step"] == 3
     assert store.exists("checkpoint-00000003/manifest.json")
+    # for benchmarks/RESULTS.md (pytest -s): where the job's time goes
     print(f"\nray start --head until the dashboard answers: {head_s:.1f} s; ray job submit until SUCCEEDED: "
-          f"{submit_s:.1f} s")
+          f"{submit_s:.1f} s, of which the run's driver (selfsup train) {summary['wall_time_s']:.1f} s, of which "
+          f"training steps {train_rows[-1]['elapsed_s']:.1f} s")

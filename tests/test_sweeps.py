@@ -84,7 +84,20 @@ def _statuses(store):
     return out
 
 
-def test_a_sweep_killed_mid_way_continues_on_rerun_and_asha_stops_the_worse_trial(ray_local, tiny_labeled, tmp_path):
+@pytest.fixture
+def no_other_ray():
+    """No Ray cluster of this process while the sweep's runs: with two clusters on one machine,
+    Ray's state API cannot tell which one to ask, so Ray Train's placement-group cleaner dies and
+    the placement group of a trial ASHA stopped is never freed (the next trial waits forever).
+    The in-process tests after this one get a fresh local cluster from `ensure_ray`."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def test_a_sweep_killed_mid_way_continues_on_rerun_and_asha_stops_the_worse_trial(no_other_ray, s3, tiny_labeled,
+                                                                                   tmp_path):
     data, _ = tiny_labeled
     space = tmp_path / "space.yaml"
     space.write_text("eval.temperature: {grid: [0.07, 1000.0, 0.07]}\n")

@@ -74,14 +74,23 @@ def checkpoint_names(store: Store) -> list[str]:
     return sorted({k.split("/")[0] for k in store.list() if _CKPT.fullmatch(k.split("/")[0])})
 
 
-def resolve_run(run: str, root: str) -> str:
+def resolve_run(run: str, root: str, ep: Endpoint | None = None) -> str:
     """A run's URI from a URI (`s3://...`), a local path (`/...`, `./...`, `~/...`), a name under
-    `root`, or a sweep's trial `SWEEP/TRIAL`."""
+    `root`, or a sweep's trial `SWEEP/TRIAL` (SWEEP must hold a sweep.json)."""
     if is_s3(run) or run.startswith(("/", "./", "../", "~")):
         return run.rstrip("/")
     if run.count("/") == 1:
         sweep, trial = run.split("/")
-        return join(root, check_name(sweep, "sweep"), check_name(trial, "trial"))
+        uri = join(root, check_name(sweep, "sweep"))
+        check_name(trial, "trial")
+        try:
+            is_sweep = open_store(uri, ep).exists(SWEEP)
+        except StorageError:
+            is_sweep = False
+        if not is_sweep:
+            raise RunError(f"run name {run!r} is not valid: SWEEP/TRIAL names a sweep's trial, and there is no "
+                           f"sweep {sweep!r} under {root}")
+        return join(uri, trial)
     return join(root, check_name(run))
 
 
