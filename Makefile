@@ -5,6 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+CHROMIUM := /usr/bin/chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: demo test setup clean image
@@ -24,10 +25,18 @@ $(FMNIST):
 		echo "Fashion-MNIST is missing and apt-get is not available: install Debian's dataset-fashion-mnist"; exit 1; \
 	fi
 
+# The dashboard's browser test drives Debian's chromium (Playwright's own browser download is not used).
+$(CHROMIUM):
+	@if command -v apt-get >/dev/null; then \
+		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium; \
+	else \
+		echo "chromium is missing and apt-get is not available: install Debian's chromium"; exit 1; \
+	fi
+
 demo: setup
 	RAY_DATA_DISABLE_PROGRESS_BARS=1 $(BIN)/python -m selfsup demo
 
-test: setup
+test: setup $(CHROMIUM)
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 # The container image for clusters (infra/docker/Dockerfile): VARIANT=cuda (default) or cpu.

@@ -10,7 +10,8 @@ from selfsup.methods.beit import BEiT, BEiTParams, fit_codebook, normalised_patc
 from selfsup.methods.ijepa import block_indices
 from selfsup.methods.mae import MAE, MAEParams, masked_patch_loss, visible_indices
 from selfsup.methods.maskfeat import hog
-from selfsup.methods.vit import MaskedViT, patchify, unpatchify
+from selfsup.methods.simmim import SimMIM
+from selfsup.methods.vit import MaskedViT, as_vit, attention_masks, cls_attention, patchify, unpatchify
 
 G = torch.Generator().manual_seed(0)
 
@@ -77,6 +78,37 @@ def test_cls_attention_maps_sum_to_one_and_match_timm():
     h.remove()
     ref = got["a"][:, :, 0, 1:]
     assert torch.allclose(maps, ref / ref.sum(-1, keepdim=True), atol=1e-5)
+
+
+def test_attention_masks_keep_the_fewest_patches_that_hold_the_mass():
+    v, _ = vit(depth=2)
+    img = torch.randn(3, 3, 16, 16, generator=G)
+    maps = cls_attention(as_vit(MaskedViT(v)), img)
+    assert torch.equal(maps, MaskedViT(v).cls_attention(img))  # a MaskedViT and its ViT give one map
+    for keep in (0.6, 0.9):
+        masks = attention_masks(maps, keep)
+        kept = (maps * masks).sum(-1)
+        assert (kept >= keep - 1e-5).all()
+        # dropping the weakest kept patch goes under the threshold: no smaller set does it
+        weakest = torch.where(masks, maps, torch.inf).min(-1).values
+        assert (kept - weakest < keep).all()
+    uniform = torch.full((1, 1, 10), 0.1)
+    assert int(attention_masks(uniform, 0.6).sum()) == 6
+    assert int(attention_masks(torch.full((8,), 0.125), 0.6).sum()) == 5
+    with pytest.raises(ValueError, match="ViT with a class token"):
+        as_vit(torch.nn.Linear(2, 2))
+
+
+def test_simmim_reconstruct_keeps_the_visible_patches():
+    v, d = vit()
+    m = SimMIM(v, d, SimMIM.Params())
+    img = torch.randn(2, 3, 16, 16, generator=G)
+    mask = torch.zeros(2, 16, dtype=torch.bool)
+    mask[:, 1::3] = True
+    out = m.reconstruct({"image": img, "mask": mask})
+    assert torch.allclose(patchify(out["reconstruction"], 4)[:, ~mask[0]], patchify(img, 4)[:, ~mask[0]])
+    assert (patchify(out["masked"], 4)[:, mask[0]] == 0).all()
+    assert not torch.allclose(out["reconstruction"], img)
 
 
 def test_masked_patch_loss_reference():

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -155,3 +156,16 @@ def test_a_sweep_killed_mid_way_continues_on_rerun_and_asha_stops_the_worse_tria
     assert main(["runs", "show", f"sw/{sweep['best']}", "--root", ROOT]) == 0
     assert main(["sweeps", "list", "--root", ROOT]) == 0
     assert main(["sweeps", "show", "sw", "--root", ROOT]) == 0
+    # the dashboard's Sweeps page reads it: trials, a chart per parameter and the parallel plot, best.yaml
+    from streamlit.testing.v1 import AppTest
+
+    from selfsup.dashboard import data
+
+    os.environ.update({data.ROOT_ENV: ROOT, data.TOKEN_ENV: "t"})
+    at = AppTest.from_file(str(Path(data.__file__).with_name("app.py")), default_timeout=60)
+    at.query_params["token"] = "t"
+    at.run()
+    at.switch_page(str(Path(data.__file__).parent / "sections" / "sweeps.py")).run()
+    assert not at.exception and set(at.dataframe[0].value["trial"]) == set(trials)
+    assert len(at.get("vega_lite_chart") + at.get("arrow_vega_lite_chart")) == 2
+    assert "best.yaml" in at.get("download_button")[0].proto.label

@@ -3,10 +3,11 @@ sees every position, a linear head predicts the raw pixels, L1 loss on the maske
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from selfsup.methods.base import Method, Params, collapse_probe
-from selfsup.methods.vit import MaskedViT, masked_mean, patchify
+from selfsup.methods.vit import MaskedViT, masked_mean, patchify, unpatchify
 
 
 class SimMIM(Method):
@@ -26,3 +27,14 @@ class SimMIM(Method):
         pred = self.head(tokens)
         loss = masked_mean((pred.float() - patchify(img, self.patch).float()).abs().mean(-1), mask)
         return {"loss": loss, **collapse_probe(tokens.mean(1))}
+
+    @torch.no_grad()
+    def reconstruct(self, batch) -> dict[str, torch.Tensor]:
+        """original, masked (masked patches zeroed) and reconstruction (the predicted pixels in the
+        masked patches, the visible ones pasted back), in the model's input space."""
+        img, mask = batch["image"], batch["mask"]
+        pred = self.head(self.encoder.with_mask_tokens(img, mask))
+        target, m = patchify(img, self.patch), mask.unsqueeze(-1).to(img.dtype)
+        chans = img.shape[1]
+        return {"original": img, "masked": unpatchify(target * (1 - m), self.patch, chans),
+                "reconstruction": unpatchify(target * (1 - m) + pred.to(img.dtype) * m, self.patch, chans)}

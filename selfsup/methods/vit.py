@@ -2,7 +2,9 @@
 
 - `visible(img, keep)`: encode only the patches in `keep` (MAE, I-JEPA drop the rest),
 - `with_mask_tokens(img, mask)`: a learned mask token in place of masked patches (SimMIM, BEiT, MaskFeat),
-- `cls_attention(img, layer)`: per-head attention of the CLS token over the patches (each map sums to 1),
+- `cls_attention(vit, img, layer)`: per-head attention of the CLS token over the patches (each map
+  sums to 1), and `attention_masks(maps, keep)`: DINO's thresholded maps, the smallest set of
+  patches that holds `keep` of a map's mass (what the dashboard's Attention page draws),
 - `patchify` / `unpatchify`: images <-> (B, N, p*p*C) patches, row-major, as the masks index them;
   `masked_mean`: a per-patch loss averaged over the masked patches.
 Any timm ViT size and patch size with a class token; position embeddings are added before
@@ -75,21 +77,45 @@ class MaskedViT(nn.Module):
     def all_tokens(self, img: torch.Tensor) -> torch.Tensor:
         return self._blocks(self._embed(img))
 
-    @torch.no_grad()
     def cls_attention(self, img: torch.Tensor, layer: int = -1) -> torch.Tensor:
-        """(B, heads, N): softmax attention of the CLS token over the patches in block `layer`,
-        renormalised over the patches (the rest goes to prefix tokens) so each map sums to 1."""
-        blocks = list(self.vit.blocks)
-        layer = layer % len(blocks)
-        x = self._embed(img)
-        for b in blocks[:layer]:
-            x = b(x)
-        blk = blocks[layer]
-        attn = blk.attn
-        y = blk.norm1(x)
-        B, T, _ = y.shape
-        qkv = attn.qkv(y).reshape(B, T, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
-        q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
-        a = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(-1)
-        cls = a[:, :, 0, self.prefix:]
-        return cls / cls.sum(-1, keepdim=True)
+        return cls_attention(self.vit, img, layer)
+
+
+def as_vit(backbone: nn.Module) -> nn.Module:
+    """The timm VisionTransformer of a backbone (a MaskedViT's own), or ValueError naming what it is."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    vit = backbone.vit if isinstance(backbone, MaskedViT) else backbone
+    if not isinstance(vit, VisionTransformer) or vit.cls_token is None:
+        raise ValueError(f"attention maps need a ViT with a class token; this backbone is a {type(vit).__name__}")
+    return vit
+
+
+@torch.no_grad()
+def cls_attention(vit: nn.Module, img: torch.Tensor, layer: int = -1) -> torch.Tensor:
+    """(B, heads, N): softmax attention of the CLS token over the N patches in block `layer` of a
+    timm ViT, renormalised over the patches (the rest goes to prefix tokens) so each map sums to 1.
+    Recomputed from the block's q and k: timm's fused attention never materialises the weights."""
+    blocks = list(vit.blocks)
+    layer = layer % len(blocks)
+    x = vit.norm_pre(vit._pos_embed(vit.patch_embed(img)))
+    for b in blocks[:layer]:
+        x = b(x)
+    blk = blocks[layer]
+    attn = blk.attn
+    y = blk.norm1(x)
+    B, T, _ = y.shape
+    qkv = attn.qkv(y).reshape(B, T, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+    q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
+    a = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(-1)
+    cls = a[:, :, 0, vit.num_prefix_tokens:]
+    return cls / cls.sum(-1, keepdim=True)
+
+
+def attention_masks(maps: torch.Tensor, keep: float = 0.6) -> torch.Tensor:
+    """Boolean masks (same shape as `maps`, (..., N) each summing to 1): per map, the fewest
+    patches whose attention adds up to at least `keep` (DINO's figures use 0.6)."""
+    v, idx = maps.sort(-1, descending=True)
+    before = v.cumsum(-1) - v  # mass of the patches ranked above this one
+    # 1e-6: float32 sums (six patches of 0.1 add up to 0.59999996) must not cost a patch more
+    return torch.zeros_like(maps, dtype=torch.bool).scatter(-1, idx, before < keep - 1e-6)

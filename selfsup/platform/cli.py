@@ -91,7 +91,7 @@ def _train(args) -> int:
     from selfsup.platform.trainer import train
 
     cfg = load_config(args.config, args.overrides)
-    summary = train(cfg)
+    summary = train(cfg, show_progress=True)
     print(json.dumps(summary, indent=1))
     return 0 if summary["status"] == "finished" else 1
 
@@ -181,6 +181,14 @@ def _tokenizer_fit(args) -> int:
     ep = resolve_endpoint() if is_s3(cfg.data.uri) or is_s3(args.out) else None
     fit_tokenizer(cfg, args.out, ep)
     return 0
+
+
+def _dashboard(args) -> int:
+    from selfsup.dashboard.server import serve
+
+    if not 1 <= args.port <= 65535:
+        raise UsageError(f"--port must be in 1..65535, got {args.port}")
+    return serve(args.root, args.port, args.address)
 
 
 def _demo(args) -> int:
@@ -310,6 +318,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     s.add_argument("--out", required=True, help="s3://... or a path, e.g. s3://selfsup/tokenizers/fmnist-512.pt")
     s.set_defaults(func=_tokenizer_fit)
+
+    s = sub.add_parser("dashboard", help="the Streamlit dashboard: runs, sweeps, attention maps, embeddings",
+                       description="Serve the dashboard of the runs and sweeps under --root (S3 or a local folder) on "
+                                   "--address:--port. It prints the one address that opens it: the token in it is "
+                                   "needed by every browser session.")
+    s.add_argument("--root", default=DEFAULT_RUNS)
+    s.add_argument("--port", type=int, default=8501)
+    s.add_argument("--address", default="127.0.0.1", help="0.0.0.0 to serve other machines (the token still applies)")
+    s.set_defaults(func=_dashboard)
 
     s = sub.add_parser("demo", help="the whole job on the embedded defaults (what `make demo` runs)",
                        description="Start the embedded S3 server, shard Fashion-MNIST into it if absent, train the "

@@ -290,6 +290,12 @@ def load_config(path: str | None, overrides: list[str] = ()) -> Config:
             raise ConfigError(f"config {p} is not valid YAML: {_one_line(e)}") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"config {p} must be a mapping of sections")
+    return configure(tree, overrides)
+
+
+def configure(tree: dict, overrides: list[str] = ()) -> Config:
+    """A config from a tree of sections (a file's, a run's config.yaml) and `key=value` overrides."""
+    tree = copy.deepcopy(tree)
     lengths = ("schedule.epochs", "schedule.steps", "schedule.time_budget_s")
     for ov in overrides:
         key, eq, raw = ov.partition("=")

@@ -34,7 +34,7 @@ def run_demo(args) -> int:
     print(f"training: {cfg.method.name} on {cfg.model.name}, {cfg.scaling.num_workers} Ray workers, "
           f"{cfg.schedule.time_budget_s or cfg.schedule.steps or cfg.schedule.epochs} "
           f"{'s' if cfg.schedule.time_budget_s else 'steps' if cfg.schedule.steps else 'epochs'}")
-    s = train(cfg)
+    s = train(cfg, show_progress=True)
     run = join(cfg.storage.root, s["name"])
     print(f"""
 kNN top-1 ({cfg.eval.train_samples or 'all'} train / {cfg.eval.test_samples or 'all'} test images, k={cfg.eval.k}):

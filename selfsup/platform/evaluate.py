@@ -125,34 +125,48 @@ def raw_pixel_features(images: list[torch.Tensor], size: int | None = None, cent
     return F.normalize(x - x.mean(1, keepdim=True) if centre else x, dim=1)
 
 
-def evaluate_run(run_uri: str, kind: str, train_samples: int = 0, test_samples: int = 0, checkpoint: str | None = None,
-                 random_init: bool = False, teacher: bool = False, ep: Endpoint | None = None, log=print) -> dict:
-    """kNN or linear-probe accuracy of a run's backbone (newest good checkpoint, or random init)."""
+def run_config(run_uri: str, ep: Endpoint | None = None):
+    """The validated config a run was started with (RunError when there is no readable one)."""
+    import yaml
+
     from selfsup.platform.config import validate
     from selfsup.platform.runs import CONFIG
-    from selfsup.platform.step import autocast_dtype, build_method
-
-    import yaml
 
     store = open_store(run_uri, ep)
     try:
-        cfg = validate(yaml.safe_load(store.read_text(CONFIG)))
+        return validate(yaml.safe_load(store.read_text(CONFIG)))
     except FileNotFoundError:
         raise RunError(f"no run at {run_uri} ({CONFIG} not found)") from None
     except (yaml.YAMLError, UnicodeDecodeError, TypeError) as e:
         raise RunError(f"{store.url(CONFIG)} is not a readable run config ({type(e).__name__})") from None
+
+
+def load_run(run_uri: str, ep: Endpoint | None = None, checkpoint: str | None = None, random_init: bool = False):
+    """(config, method with the weights of the run's newest good checkpoint (or of `checkpoint`, or
+    of its random init), the checkpoint's name): what `eval` and the dashboard look at."""
+    from selfsup.platform.step import build_method
+
+    cfg = run_config(run_uri, ep)
     torch.manual_seed(cfg.data.seed)
     splits = load_manifest(cfg.data.uri, ep)["splits"]
     if cfg.data.train_split not in splits:
         raise RunError(f"data.train_split {cfg.data.train_split!r} of run {run_uri} is not in {cfg.data.uri}")
-    n_train = splits[cfg.data.train_split]["num_samples"]
-    method = build_method(cfg, n_train, ep)
+    method = build_method(cfg, splits[cfg.data.train_split]["num_samples"], ep)
     used = "random init"
     if not random_init:
         state, used = read_checkpoint(run_uri, ep, checkpoint)
         if state is None:
             raise RunError(f"run {run_uri} has no checkpoint yet (try --random-init for the baseline)")
         method.load_state_dict(state["model"])
+    return cfg, method.eval(), used
+
+
+def evaluate_run(run_uri: str, kind: str, train_samples: int = 0, test_samples: int = 0, checkpoint: str | None = None,
+                 random_init: bool = False, teacher: bool = False, ep: Endpoint | None = None, log=print) -> dict:
+    """kNN or linear-probe accuracy of a run's backbone (newest good checkpoint, or random init)."""
+    from selfsup.platform.step import autocast_dtype
+
+    cfg, method, used = load_run(run_uri, ep, checkpoint, random_init)
     if teacher and not hasattr(method, "teacher_backbone"):
         raise RunError(f"method {cfg.method.name!r} has no teacher (--teacher is for DINO-style runs)")
     backbone = method.teacher_backbone if teacher else method.backbone

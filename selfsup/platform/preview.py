@@ -1,4 +1,5 @@
-"""`selfsup data preview`: a PNG grid of the views a config produces, one row per sample."""
+"""`selfsup data preview` and the dashboard's Views page: a grid of the views a config produces,
+one row per sample."""
 
 from __future__ import annotations
 
@@ -15,8 +16,14 @@ from selfsup.platform.config import load_config
 def preview(config: str, overrides: list[str], out: str, samples: int = 8, seed: int = 0) -> int:
     from torchvision.utils import save_image
 
-    cfg = load_config(config, overrides)
-    ep = resolve_endpoint() if is_s3(cfg.data.uri) else None
+    grid, nrow = view_grid(load_config(config, overrides), samples, seed)
+    save_image(grid, out, nrow=nrow, padding=2, pad_value=1.0)
+    return len(grid)
+
+
+def view_grid(cfg, samples: int = 8, seed: int = 0, start: bool = True) -> tuple[torch.Tensor, int]:
+    """(images (samples * views, 3, H, W) in [0, 1], views per sample) from the first train shard."""
+    ep = resolve_endpoint(start) if is_s3(cfg.data.uri) else None
     store = open_store(cfg.data.uri, ep)
     shard = load_manifest(cfg.data.uri, store=store)["splits"][cfg.data.train_split]["shards"][0]
     _, images, _ = shard_samples(store.read(shard["path"]), shard["sha256"], name=store.url(shard["path"]))
@@ -34,6 +41,4 @@ def preview(config: str, overrides: list[str], out: str, samples: int = 8, seed:
         m = views["mask"].view(len(img), 1, side // p, side // p).float()
         img = img * (1 - 0.7 * F.interpolate(m, scale_factor=p))
         cols.append(img)
-    grid = torch.stack(cols, 1).flatten(0, 1)
-    save_image(grid, out, nrow=len(cols), padding=2, pad_value=1.0)
-    return len(grid)
+    return torch.stack(cols, 1).flatten(0, 1), len(cols)

@@ -2,7 +2,8 @@
 stable for tools that read it:
 
     config.yaml                       the resolved config the run was started with
-    summary.json                      status, method, backbone, step, epoch, kNN (first, last, best), wall time
+    summary.json                      status, method, backbone, step, epoch, kNN (first, last, best), wall
+                                      time, and the last train row's loss, images/s, workers, progress
     metrics.jsonl                     one JSON object a line: kind (train | eval), step, epoch, metrics
     heartbeat.json                    rewritten by the live driver every HEARTBEAT_S seconds
     checkpoint-<step:08d>/state.pt    model (with teacher, centre, queues), optimizer, step, epoch, RNG
@@ -40,6 +41,7 @@ from selfsup.pipelines.storage import Endpoint, Store, StorageError, is_s3, join
 METRICS, SUMMARY, CONFIG, HEARTBEAT = "metrics.jsonl", "summary.json", "config.yaml", "heartbeat.json"
 SWEEP, SPACE, TRIALS, BEST, TRIAL, TUNE_DIR = "sweep.json", "space.yaml", "trials.csv", "best.yaml", "trial.json", "_tune"
 CKPT_PREFIX = "checkpoint-"
+LIVE = ("loss", "images_per_s", "workers", "global_batch", "progress", "elapsed_s")  # from the last train row
 HEARTBEAT_S, LOST_AFTER_S = 10.0, 60.0
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _CKPT = re.compile(re.escape(CKPT_PREFIX) + r"\d{8}")
@@ -159,6 +161,9 @@ def summarise(rows: list[dict], base: dict) -> dict:
     if evals:
         out.update(knn_first=evals[0]["knn_top1"], knn_last=evals[-1]["knn_top1"],
                    knn_best=max(r["knn_top1"] for r in evals))
+    last = next((r for r in reversed(rows) if r["kind"] == "train"), None)
+    if last:  # what the console's progress line and the dashboard's runs table show
+        out.update({k: last[k] for k in LIVE if k in last})
     out["updated"] = now()
     return out
 

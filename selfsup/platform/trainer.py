@@ -68,6 +68,7 @@ class MetricsLog(ray.train.UserCallback):
         self._store: Store | None = None
         self.rows: list[dict] | None = None
         self.failure: str | None = None  # the last failure's cause, until the next report
+        self.restarts = 0  # worker-group restarts after a failure
 
     def after_exception(self, run_context, worker_exceptions):
         cause = unrecoverable(worker_exceptions, self.failure)
@@ -75,6 +76,10 @@ class MetricsLog(ray.train.UserCallback):
         if cause:
             # A ControllerError is never retried: the controller ends the run with it, quietly.
             raise ray.train.ControllerError(RunFailed(cause))
+        # in the summary from the next report on: the console says "recovered" once it has (one
+        # line per error: a failure the run does not recover from is the run's error line)
+        self.restarts += 1
+        self.base = {**self.base, "restarts": self.restarts, "last_failure": self.failure}
 
     def _load(self) -> Store:
         if self._store is None:
@@ -131,6 +136,13 @@ def _check_ray_address(address: str, timeout: float = 5.0) -> None:
                        "unset RAY_ADDRESS to train on a local cluster") from None
 
 
+# Workers' and actors' output stays in Ray's log files (`ray logs`, the Ray dashboard), not on the
+# console: a line per report, Ray Data's plans, internal warnings. What matters reaches the user
+# otherwise: the progress line and each recovered failure (console.py, from MetricsLog), and the
+# error that ends a run, raised here as an exception. The driver's own Ray logger: errors only.
+QUIET = {"log_to_driver": False, "logging_level": logging.ERROR}
+
+
 def ensure_ray(num_cpus: int | None = None) -> bool:
     """Join the cluster RAY_ADDRESS names (ray job submit sets it), else start a local one on
     127.0.0.1. True when the cluster is local to this process (its resources are all there is)."""
@@ -144,14 +156,14 @@ def ensure_ray(num_cpus: int | None = None) -> bool:
     if address:
         _check_ray_address(address)
         try:
-            ray.init(address=address, log_to_driver=True)
+            ray.init(address=address, **QUIET)
         except ConnectionError as e:
             raise RunError(f"cannot join the Ray cluster at RAY_ADDRESS={address}: {str(e).splitlines()[0]}") from None
         return False
     # With the dashboard: Ray Train's placement-group cleaner polls the state API it serves and
     # logs a warning every second without it. It also lets users watch the run at :8265.
-    ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True,
-             _system_config=NODE_HEALTH)
+    ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", _system_config=NODE_HEALTH,
+             **QUIET)
     return True
 
 
@@ -288,9 +300,11 @@ def _make_trainer(cfg: Config, ep: Endpoint | None, run_uri: str, base: dict, n_
     )
 
 
-def train(cfg: Config, log=print, callbacks: list = ()) -> dict:
+def train(cfg: Config, log=print, callbacks: list = (), show_progress: bool = False) -> dict:
     """Run (or resume) training; returns the run's summary. `callbacks`: more Ray Train
-    UserCallbacks (a sweep's trial reports its evaluations to Tune with one)."""
+    UserCallbacks (a sweep's trial reports its evaluations to Tune with one); `show_progress`:
+    the console's progress line on stderr (`selfsup train`, the demo)."""
+    from selfsup.platform.console import progress
     from selfsup.pipelines.streaming import data_health_actor
 
     ep: Endpoint | None = resolve_endpoint() if is_s3(cfg.data.uri) else None
@@ -327,7 +341,7 @@ def train(cfg: Config, log=print, callbacks: list = ()) -> dict:
                 health_name = f"selfsup-data-health-{name}"
                 health = data_health_actor(health_name)
                 fast_coordinator()
-                with environ(train_env(cfg)):
+                with environ(train_env(cfg)), progress(store) if show_progress else contextlib.nullcontext():
                     _fit(_make_trainer(cfg, ep, run_uri, base, n_train, health_name, list(callbacks)))
         status = "finished"
     except KeyboardInterrupt:

@@ -1,0 +1,70 @@
+"""Embeddings: a checkpoint's features of test images in 2-D (PCA by default, UMAP on request),
+coloured by class, and nearest-neighbour retrieval among training images."""
+
+import altair as alt
+import pandas as pd
+import streamlit as st
+import torch
+
+from selfsup.dashboard import data
+from selfsup.dashboard.widgets import pick_model
+
+st.title("Embeddings")
+root = data.root()
+name, cfg, method, used = pick_model(root)
+c1, c2, c3 = st.columns(3)
+n_test = c1.select_slider("test images", [500, 1000, 2000, 5000, 10000], 2000)
+n_train = c2.select_slider("training images to search", [1000, 5000, 10000, 60000], 5000)
+reducer = c3.radio("2-D map", ["PCA", "UMAP"], horizontal=True, help="UMAP is slower (umap-learn)")
+
+
+@st.cache_resource(max_entries=8, show_spinner="computing features ...")
+def features(root: str, name: str, ckpt: str, split: str, n: int, seed: int):
+    from selfsup.platform.evaluate import extract_features
+
+    cfg, method, _ = data.model(root, name, ckpt)
+    images, labels, classes = data.labeled(cfg.data.uri, split, n, seed)
+    f = extract_features(method.backbone, images, cfg.eval.image_size or cfg.view_size(), cfg.data.mean,
+                         cfg.data.std, cfg.model.in_chans)
+    return f, labels, classes, images
+
+
+@st.cache_data(max_entries=8, show_spinner="projecting to 2-D ...")
+def project(_f: torch.Tensor, key: tuple, how: str):
+    if how == "UMAP":
+        import umap
+
+        return torch.from_numpy(umap.UMAP(n_components=2, random_state=0).fit_transform(_f.numpy()))
+    centred = _f - _f.mean(0)
+    _, _, v = torch.pca_lowrank(centred, q=2, center=False)
+    return centred @ v[:, :2]
+
+
+test_f, test_y, classes, test_imgs = features(root, name, used, cfg.eval.test_split, n_test, cfg.data.seed + 1)
+xy = project(test_f, (name, used, n_test), reducer)
+label = [classes[int(y)] if int(y) < len(classes) else str(int(y)) for y in test_y]
+df = pd.DataFrame({"x": xy[:, 0].numpy(), "y": xy[:, 1].numpy(), "class": label, "index": range(len(label))})
+st.caption(f"{name} · {used} · {len(df)} test images · {test_f.shape[1]}-d features")
+st.altair_chart(alt.Chart(df, title=f"{reducer} of the features").mark_circle(size=14, opacity=0.7).encode(
+    x=alt.X("x:Q", axis=None), y=alt.Y("y:Q", axis=None), color=alt.Color("class:N"), tooltip=["index", "class"]),
+    width="stretch")
+
+st.subheader("nearest training images")
+k = st.slider("k", 1, 20, 8)
+i = st.number_input(f"query: test image (0-{len(test_imgs) - 1})", 0, len(test_imgs) - 1, 0)
+train_f, train_y, _, train_imgs = features(root, name, used, cfg.eval.train_split, n_train, cfg.data.seed)
+sim, idx = (test_f[i:i + 1] @ train_f.T).topk(min(k, len(train_f)))
+SHOW = 96
+
+
+def picture(img):
+    x = img.float()[None] / 255
+    return data.as_image(torch.nn.functional.interpolate(x, size=(SHOW, SHOW), mode="nearest")[0])
+
+
+hits = [int(j) for j in idx[0]]
+st.image([picture(test_imgs[i])] + [picture(train_imgs[j]) for j in hits],
+         caption=[f"query: {label[i]}"] + [f"{classes[int(train_y[j])] if int(train_y[j]) < len(classes) else int(train_y[j])}"
+                                           f" ({float(s):.2f})" for j, s in zip(hits, sim[0])])
+agree = sum(int(train_y[j]) == int(test_y[i]) for j in hits)
+st.caption(f"{agree} of {len(hits)} neighbours share the query's class")

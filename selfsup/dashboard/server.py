@@ -1,0 +1,90 @@
+"""`selfsup dashboard`: start the Streamlit app on 127.0.0.1 (unless --address says otherwise) with
+a fresh access token, print the one address that opens it, and stop it on Ctrl-C.
+
+The token goes to Streamlit in its environment (readable by this user only, unlike a command line)
+and to the browser in the printed URL. Streamlit's own output goes to a private log under
+$SELFSUP_HOME/dashboard/, not to the console."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+from selfsup.dashboard.data import ROOT_ENV, TOKEN_ENV
+from selfsup.pipelines.seaweed import selfsup_home
+from selfsup.platform.cli import UsageError
+
+APP = os.path.join(os.path.dirname(os.path.abspath(__file__)), "app.py")
+START_TIMEOUT_S = 60
+
+
+def _check_port(address: str, port: int) -> None:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Streamlit's server: TIME_WAIT is free
+        try:
+            s.bind((address, port))
+        except OSError as e:
+            raise UsageError(f"the dashboard cannot listen on {address}:{port} ({e.strerror or e}): "
+                               "choose another --port") from None
+
+
+def start(root: str, port: int, address: str = "127.0.0.1") -> tuple[subprocess.Popen, str, str]:
+    """(the Streamlit process, the URL with its token, its log file), once it answers."""
+    _check_port(address, port)
+    token = secrets.token_urlsafe(24)
+    logs = selfsup_home() / "dashboard"
+    logs.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(logs, 0o700)
+    log_path = logs / f"streamlit-{port}.log"
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    env = {**os.environ, ROOT_ENV: root, TOKEN_ENV: token}
+    cmd = [sys.executable, "-m", "streamlit", "run", APP, "--server.address", address, "--server.port", str(port),
+           "--server.headless", "true", "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none",
+           "--client.toolbarMode", "viewer", "--global.developmentMode", "false"]
+    with os.fdopen(fd, "w") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    host = address if address not in ("0.0.0.0", "::") else "127.0.0.1"
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://{host}:{port}/_stcore/health", timeout=2) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop(proc)
+            tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
+            raise RuntimeError(f"the dashboard did not start on {address}:{port} ({tail[0]}); log: {log_path}")
+        time.sleep(0.25)
+    return proc, f"http://{host}:{port}/?token={token}", str(log_path)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def serve(root: str, port: int, address: str = "127.0.0.1", log=print) -> int:
+    proc, url, log_path = start(root, port, address)
+    log(f"dashboard of {root}: {url}")
+    log(f"(the token in the address is the only way in; Streamlit's log: {log_path}; Ctrl-C stops it)")
+    try:
+        code = proc.wait()
+    except KeyboardInterrupt:
+        stop(proc)
+        return 130
+    if code:
+        raise RuntimeError(f"the dashboard stopped with exit code {code}; log: {log_path}")
+    return 0

@@ -1,0 +1,194 @@
+"""The dashboard: every page with Streamlit's AppTest against runs written by tiny real training
+runs (DINO on a ViT, MAE) on the test S3 server; the token gate; names that would leave the root;
+and `selfsup dashboard` itself in headless Chromium (Playwright driving Debian's chromium)."""
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from selfsup.dashboard import data
+from selfsup.platform.config import load_config
+from selfsup.platform.runs import RunError
+from selfsup.platform.trainer import train
+
+ROOT = "s3://test-dash/runs"
+APP = str(Path(data.__file__).with_name("app.py"))
+TOKEN = "test-token-123"
+VIT = ["model.name=vit_tiny_patch16_224", "model.cifar_stem=false", "scaling.num_workers=1", "data.batch_size=8",
+       "eval.train_samples=0", "eval.test_samples=0", "eval.k=5", "train.checkpoint_every_epochs=100",
+       f"storage.root={ROOT}"]
+
+
+@pytest.fixture(scope="module")
+def runs(ray_local, tiny_labeled):
+    uri, _ = tiny_labeled
+    common = [f"data.uri={uri}", *VIT, "schedule.steps=3", "train.checkpoint_every_steps=3", "train.log_every_steps=1"]
+    train(load_config("dino_vit_tiny", [*common, "storage.name=dino-vit", "data.views.global_view.size=16",
+                                        "data.views.local_view.size=8", "data.views.n_local=2", "method.out_dim=64",
+                                        "method.hidden_dim=32", "method.bottleneck_dim=16",
+                                        "model.kwargs={img_size: 16, patch_size: 4, dynamic_img_size: true}"]),
+          log=lambda *_: None)
+    train(load_config("mae_vit_tiny", [*common, "storage.name=mae-vit", "data.views.view.size=16",
+                                       "model.kwargs={img_size: 16, patch_size: 4}", "method.decoder_dim=32",
+                                       "method.decoder_depth=1"]), log=lambda *_: None)
+    return ["dino-vit", "mae-vit"]
+
+
+def app(page: str | None = None, token: str | None = TOKEN, root: str = ROOT):
+    from streamlit.testing.v1 import AppTest
+
+    os.environ[data.ROOT_ENV] = root
+    os.environ[data.TOKEN_ENV] = TOKEN
+    at = AppTest.from_file(APP, default_timeout=120)
+    if token is not None:
+        at.query_params["token"] = token
+    at.run()
+    if page:
+        at.switch_page(str(Path(APP).with_name("sections") / f"{page}.py")).run()
+    assert not at.exception, [e.message for e in at.exception]
+    return at
+
+
+def charts(at):
+    return at.get("vega_lite_chart") + at.get("arrow_vega_lite_chart")
+
+
+def images(at):
+    return [im for el in at.get("image") for im in el.proto.imgs]
+
+
+def test_without_the_token_no_page_runs(runs):
+    for token in (None, "wrong"):
+        at = app(token=token)
+        assert at.error and "access token" in at.error[0].value
+        assert not at.dataframe and not charts(at)
+
+
+def test_runs_page_lists_the_runs_and_overlays_their_curves(runs):
+    at = app("runs")
+    table = at.dataframe[0].value
+    assert set(runs) <= set(table["name"]) and set(table["status"]) == {"finished"}
+    assert table.set_index("name").loc["dino-vit", "workers"] == 1
+    assert len(charts(at)) >= 3  # loss, kNN, learning rate, images/s, workers, ...
+    at.multiselect[2].set_value(runs).run()  # both runs overlaid
+    drawn = [c.proto.SerializeToString() for c in charts(at)]  # the spec and its data
+    assert all(b"dino-vit" in d and b"mae-vit" in d for d in drawn)
+    assert "checkpoint-00000003" in at.dataframe[1].value["checkpoint"].tolist()
+    at.text_input[0].set_value("mae").run()
+    assert list(at.dataframe[0].value["name"]) == ["mae-vit"]
+
+
+def test_sweeps_page_has_an_empty_state(runs):
+    at = app("sweeps")
+    assert at.info and "No sweeps" in at.info[0].value
+
+
+def test_attention_page_draws_every_head_and_its_mask(runs):
+    at = app("attention")
+    at.selectbox[0].select("dino-vit").run()
+    heads = 3  # ViT-tiny
+    pics = images(at)
+    assert len(pics) == 3 + heads + heads  # input, mean, overlay; per head; thresholded per head
+    assert any("patches" in (p.caption or "") for p in pics)
+    at.radio[0].set_value("student").run()
+    assert not at.exception and len(images(at)) == 3 + 2 * heads
+
+
+def test_embeddings_page_maps_and_retrieves(runs):
+    at = app("embeddings")
+    assert charts(at)
+    pics = images(at)
+    assert pics[0].caption.startswith("query:") and len(pics) == 1 + 8
+    assert any("neighbours share the query's class" in c.value for c in at.caption)
+
+
+def test_reconstructions_page_shows_original_masked_and_reconstruction(runs):
+    at = app("reconstructions")
+    assert at.selectbox[0].value == "mae-vit"
+    pics = images(at)
+    n = at.slider[0].value  # test images shown (as many as the tiny test split has, up to 6)
+    assert n >= 2 and len(pics) == 3 * n and [p.caption for p in pics[1:3]] == ["masked input", "reconstruction"]
+
+
+def test_views_page_shows_a_runs_augmentations(runs):
+    at = app("views")
+    at.radio[0].set_value("a run's").run()
+    at.selectbox[0].select("dino-vit").run()
+    assert not at.error and len(images(at)) == 6 * 4  # 2 global + 2 local crops per sample
+    at.text_input[0].set_value("data.views.n_local=nope").run()
+    assert at.error and "n_local" in at.error[0].value
+
+
+@pytest.mark.parametrize("name", ["../runs", "/etc", "s3://other-bucket/x", "a/../../b", "dino-vit/x", "..", "~"])
+def test_a_name_that_leaves_the_root_is_refused(runs, name):
+    with pytest.raises(RunError):
+        data.run_uri(ROOT, name)
+
+
+IDLE = ("!document.querySelector('[data-testid=\"stStatusWidgetRunningIcon\"], "
+        "[data-testid=\"stStatusWidgetRunningManIcon\"]')")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.skipif(not shutil.which("chromium"), reason="Debian's chromium is not installed (make test installs it)")
+def test_selfsup_dashboard_in_a_real_browser(runs, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    port = _free_port()
+    env = {**os.environ, "SELFSUP_HOME": str(tmp_path / "home")}
+    proc = subprocess.Popen([sys.executable, "-m", "selfsup", "dashboard", "--root", ROOT, "--port", str(port)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    shots = Path(os.environ.get("SELFSUP_SCREENSHOTS", tmp_path))
+    shots.mkdir(parents=True, exist_ok=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith(f"dashboard of {ROOT}: http://127.0.0.1:{port}/?token="), line + proc.stderr.read()
+        url = line.split(": ", 1)[1].strip()
+        log = Path(tmp_path / "home" / "dashboard" / f"streamlit-{port}.log")
+        assert oct(log.stat().st_mode & 0o777) == "0o600" and oct(log.parent.stat().st_mode & 0o777) == "0o700"
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=shutil.which("chromium"), args=[
+                "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                "--disable-sync", "--no-first-run"])
+            page = browser.new_page(viewport={"width": 1400, "height": 1500})
+            for path in ("", "attention", "runs?token=wrong"):  # no token, or a wrong one: only the way in
+                page.goto(url.split("?")[0] + path)
+                page.wait_for_selector('[data-testid="stAlert"]', timeout=60_000)
+                assert "access token" in page.inner_text('[data-testid="stAlert"]')
+                assert not page.query_selector('[data-testid="stDataFrame"], [data-testid="stImage"]'), path
+            page.goto(url)
+            page.wait_for_selector('[data-testid="stDataFrame"]', timeout=60_000)
+            page.wait_for_selector('[data-testid="stVegaLiteChart"] .marks', timeout=60_000)
+            page.wait_for_function(IDLE, timeout=60_000)
+            page.screenshot(path=str(shots / "runs.png"))
+            for name, ready in [("attention", '[data-testid="stImageContainer"] img'),
+                                ("embeddings", '[data-testid="stImageContainer"] img'),
+                                ("reconstructions", '[data-testid="stImageContainer"] img'),
+                                ("views", '[data-testid="stImageContainer"] img'), ("sweeps", '[data-testid="stAlert"]')]:
+                page.click(f'[data-testid="stSidebarNav"] a[href$="/{name}"]')
+                try:
+                    page.wait_for_selector(ready, timeout=60_000)
+                except Exception:
+                    page.screenshot(path=str(shots / f"{name}-not-drawn.png"))
+                    raise
+                page.wait_for_function(IDLE, timeout=60_000)  # the page's script has finished
+                assert not page.query_selector('[data-testid="stException"]'), name
+                page.screenshot(path=str(shots / f"{name}.png"))
+            browser.close()
+    finally:
+        proc.send_signal(signal.SIGINT)  # the CLI stops its Streamlit server on Ctrl-C
+        proc.wait(timeout=30)
+    assert proc.returncode == 130
+    with pytest.raises(ConnectionRefusedError):  # the Streamlit server went with it
+        socket.create_connection(("127.0.0.1", port), timeout=5)
