@@ -40,7 +40,7 @@ def commit() -> str:
     """The code a result was measured with: HEAD, marked when selfsup/ differs from it."""
     here = os.path.dirname(os.path.abspath(__file__))
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=here).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--", "selfsup"], capture_output=True, text=True, cwd=here).stdout
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", ":/selfsup"], capture_output=True, text=True, cwd=here).stdout
     return (head or "unknown") + ("+changes" if dirty.strip() else "")
 
 

@@ -131,8 +131,14 @@ def test_a_name_that_leaves_the_root_is_refused(runs, name):
         data.run_uri(ROOT, name)
 
 
-IDLE = ("!document.querySelector('[data-testid=\"stStatusWidgetRunningIcon\"], "
-        "[data-testid=\"stStatusWidgetRunningManIcon\"]')")
+def drawn(page, last_words: str) -> None:
+    """Wait until the page shows `last_words`, nothing on it is left over from the page before
+    (Streamlit marks those stale) and its script is no longer running."""
+    page.wait_for_function("""(words) => document.querySelector('[data-testid="stMain"]').innerText.includes(words)
+        && !document.querySelector('[data-stale="true"]')
+        && !document.querySelector('[data-testid="stStatusWidgetRunningIcon"], [data-testid="stStatusWidgetRunningManIcon"]')""",
+                           arg=last_words, timeout=90_000)
+    page.wait_for_timeout(500)  # pictures decode after the script ends
 
 
 def _free_port() -> int:
@@ -168,21 +174,20 @@ def test_selfsup_dashboard_in_a_real_browser(runs, tmp_path):
                 assert "access token" in page.inner_text('[data-testid="stAlert"]')
                 assert not page.query_selector('[data-testid="stDataFrame"], [data-testid="stImage"]'), path
             page.goto(url)
-            page.wait_for_selector('[data-testid="stDataFrame"]', timeout=60_000)
-            page.wait_for_selector('[data-testid="stVegaLiteChart"] .marks', timeout=60_000)
-            page.wait_for_function(IDLE, timeout=60_000)
+            drawn(page, "checkpoints of")
+            page.wait_for_selector('[data-testid="stDataFrame"]', timeout=30_000)  # the runs table
+            page.wait_for_selector('[data-testid="stVegaLiteChart"] .marks', timeout=30_000)  # a curve
             page.screenshot(path=str(shots / "runs.png"))
-            for name, ready in [("attention", '[data-testid="stImageContainer"] img'),
-                                ("embeddings", '[data-testid="stImageContainer"] img'),
-                                ("reconstructions", '[data-testid="stImageContainer"] img'),
-                                ("views", '[data-testid="stImageContainer"] img'), ("sweeps", '[data-testid="stAlert"]')]:
+            # each page's last words: it has run to its end (charts and pictures above them)
+            for name, last in [("attention", "head 0:"), ("embeddings", "neighbours share the query's class"),
+                               ("reconstructions", "masked input"), ("views", "pictures per sample"),
+                               ("sweeps", "No sweeps")]:
                 page.click(f'[data-testid="stSidebarNav"] a[href$="/{name}"]')
                 try:
-                    page.wait_for_selector(ready, timeout=60_000)
+                    drawn(page, last)
                 except Exception:
                     page.screenshot(path=str(shots / f"{name}-not-drawn.png"))
                     raise
-                page.wait_for_function(IDLE, timeout=60_000)  # the page's script has finished
                 assert not page.query_selector('[data-testid="stException"]'), name
                 page.screenshot(path=str(shots / f"{name}.png"))
             browser.close()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from selfsup.dashboard import data
+from selfsup.dashboard import data, pictures
 
 
 def pick_model(root: str, wanted=lambda summary: True, why: str = "runs"):
@@ -39,7 +39,7 @@ def pick_images(cfg, key: str, allow_upload: bool = True):
         if up is None:
             st.stop()
         try:
-            return data.decode_upload(up.getvalue(), cfg.model.in_chans), up.name
+            return pictures.decode_upload(up.getvalue(), cfg.model.in_chans), up.name
         except Exception as e:
             st.error(f"{up.name} is not an image this page can read ({type(e).__name__})")
             st.stop()

@@ -5,7 +5,7 @@ The maps are computed in the ViT wrapper (methods/vit.py)."""
 import streamlit as st
 import torch
 
-from selfsup.dashboard import data
+from selfsup.dashboard import data, pictures
 from selfsup.dashboard.widgets import pick_images, pick_model
 from selfsup.methods.vit import as_vit, attention_masks, cls_attention
 
@@ -28,11 +28,11 @@ layer = c2.number_input("block (-1: the last)", -len(vit.blocks), -1, -1)
 keep = c3.slider("mask keeps this share of the attention", 0.1, 0.95, 0.6, 0.05)
 image, caption = pick_images(cfg, "attention")
 
-x = data.model_input(cfg, [image])
+x = pictures.model_input(cfg, [image])
 maps = cls_attention(vit, x, int(layer))[0]  # (heads, N)
 masks = attention_masks(maps, keep)
 mean = maps.mean(0)
-pix = data.to_pixels(x, cfg)[0]
+pix = pictures.to_pixels(x, cfg)[0]
 
 
 def big(t: torch.Tensor) -> torch.Tensor:
@@ -42,13 +42,13 @@ def big(t: torch.Tensor) -> torch.Tensor:
 st.caption(f"{name} · {used} · {which} · {len(maps)} heads · {int(len(mean) ** 0.5)}x{int(len(mean) ** 0.5)} patches · "
            f"{caption}")
 st.subheader("image and the mean over heads")
-up = data.upsample(mean, pix.shape[-1])
-st.image([data.as_image(big(pix)), data.as_image(big(data.heat(up))),
-          data.as_image(big(0.45 * pix.expand(3, -1, -1) + 0.55 * data.heat(up)))],
+up = pictures.upsample(mean, pix.shape[-1])
+st.image([pictures.as_image(big(pix)), pictures.as_image(big(pictures.heat(up))),
+          pictures.as_image(big(0.45 * pix.expand(3, -1, -1) + 0.55 * pictures.heat(up)))],
          caption=["input", "mean attention", "overlay"])
 st.subheader("per head")
-st.image([data.as_image(big(data.heat(data.upsample(m, pix.shape[-1])))) for m in maps],
+st.image([pictures.as_image(big(pictures.heat(pictures.upsample(m, pix.shape[-1])))) for m in maps],
          caption=[f"head {h}" for h in range(len(maps))])
 st.subheader(f"thresholded: the patches that hold {keep:.0%} of each head's attention")
-st.image([data.as_image(big(pix * data.upsample(m.float(), pix.shape[-1]).clamp(0.15, 1))) for m in masks],
+st.image([pictures.as_image(big(pix * pictures.upsample(m.float(), pix.shape[-1]).clamp(0.15, 1))) for m in masks],
          caption=[f"head {h}: {int(m.sum())} patches" for h, m in enumerate(masks)])

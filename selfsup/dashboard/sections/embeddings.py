@@ -6,7 +6,7 @@ import pandas as pd
 import streamlit as st
 import torch
 
-from selfsup.dashboard import data
+from selfsup.dashboard import data, pictures
 from selfsup.dashboard.widgets import pick_model
 
 st.title("Embeddings")
@@ -59,7 +59,7 @@ SHOW = 96
 
 def picture(img):
     x = img.float()[None] / 255
-    return data.as_image(torch.nn.functional.interpolate(x, size=(SHOW, SHOW), mode="nearest")[0])
+    return pictures.as_image(torch.nn.functional.interpolate(x, size=(SHOW, SHOW), mode="nearest")[0])
 
 
 hits = [int(j) for j in idx[0]]

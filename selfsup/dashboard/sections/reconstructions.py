@@ -4,7 +4,7 @@ run's own masking (strategy and ratio from its config)."""
 import streamlit as st
 import torch
 
-from selfsup.dashboard import data
+from selfsup.dashboard import data, pictures
 from selfsup.dashboard.widgets import pick_model
 from selfsup.pipelines.views import make_views
 
@@ -22,7 +22,7 @@ seed = c3.number_input("mask seed", 0, 10**6, 0)
 size = cfg.data.views.view.size
 spec = cfg.data.views.model_copy(update={"ratio": ratio})
 mask = make_views(images[:n], spec, torch.Generator().manual_seed(int(seed)))["mask"]
-x = data.model_input(cfg, images[:n], size)  # the whole image, not an augmented crop
+x = pictures.model_input(cfg, images[:n], size)  # the whole image, not an augmented crop
 try:
     out = method.reconstruct({"image": x, "mask": mask})
 except ValueError as e:  # MAE keeps the same number of patches per image: a random mask only
@@ -31,12 +31,12 @@ except ValueError as e:  # MAE keeps the same number of patches per image: a ran
 
 
 def big(t):
-    return data.as_image(torch.nn.functional.interpolate(t[None], size=(SHOW, SHOW), mode="nearest")[0])
+    return pictures.as_image(torch.nn.functional.interpolate(t[None], size=(SHOW, SHOW), mode="nearest")[0])
 
 
 st.caption(f"{name} · {used} · {cfg.data.views.strategy} masking of {ratio:.0%} of "
            f"{(size // cfg.data.views.patch_size) ** 2} patches")
-pix = {k: data.to_pixels(v, cfg) for k, v in out.items()}
+pix = {k: pictures.to_pixels(v, cfg) for k, v in out.items()}
 for j in range(n):
     y = int(labels[j])
     st.image([big(pix[k][j]) for k in ("original", "masked", "reconstruction")],

@@ -5,7 +5,7 @@ import streamlit as st
 import torch.nn.functional as F
 import yaml
 
-from selfsup.dashboard import data
+from selfsup.dashboard import data, pictures
 from selfsup.platform.config import ConfigError, configure, load_config, shipped_configs
 from selfsup.platform.preview import view_grid
 
@@ -13,7 +13,7 @@ st.title("Views")
 root = data.root()
 runs, _ = data.runs(root)
 c1, c2 = st.columns([1, 2])
-source = c1.radio("config", ["shipped", "a run's"], horizontal=True)
+source = c1.radio("config", ["shipped", "a run's"], index=1 if runs else 0, horizontal=True)  # the user's data first
 if source == "shipped":
     names = sorted(shipped_configs())
     config = c2.selectbox("shipped config", names, index=names.index("demo") if "demo" in names else 0)
@@ -38,9 +38,9 @@ except (ConfigError, ValueError) as e:
 except Exception as e:  # the data set unreachable, say: one line
     st.error(f"{type(e).__name__}: {e}")
     st.stop()
-st.caption(f"{cfg.data.uri} · {cfg.data.views.kind} · {per_row} pictures per sample (masks greyed)")
 side = max(128, grid.shape[-1] * 2)
 
 for i in range(0, len(grid), per_row):
     row = F.interpolate(grid[i:i + per_row], size=(side, side), mode="nearest")
-    st.image([data.as_image(v) for v in row])
+    st.image([pictures.as_image(v) for v in row])
+st.caption(f"{cfg.data.uri} · {cfg.data.views.kind} · {per_row} pictures per sample (masks greyed)")
