@@ -82,6 +82,36 @@ def test_runs_page_lists_the_runs_and_overlays_their_curves(runs):
     assert "checkpoint-00000003" in at.dataframe[1].value["checkpoint"].tolist()
     at.text_input[0].set_value("mae").run()
     assert list(at.dataframe[0].value["name"]) == ["mae-vit"]
+    # no credential on the page, the run's config and checkpoints included
+    shown = " ".join(str(x.value) for kind in ("code", "caption", "markdown", "title", "error", "warning", "info")
+                     for x in at.get(kind)) + " ".join(d.value.to_csv() for d in at.dataframe)
+    assert "storage:" in shown  # the run's config.yaml is on the page
+    assert os.environ["AWS_SECRET_ACCESS_KEY"] not in shown and os.environ["AWS_ACCESS_KEY_ID"] not in shown
+
+
+def test_a_live_run_refreshes_itself(runs):
+    import json
+
+    from selfsup.pipelines.storage import open_store
+    from selfsup.platform.runs import METRICS, SUMMARY, write_heartbeat
+
+    src, live = open_store(f"{ROOT}/dino-vit"), open_store(f"{ROOT}/live-run", create=True)
+    live.write(METRICS, src.read(METRICS))
+    live.write(SUMMARY, json.dumps({**json.loads(src.read(SUMMARY)), "status": "running", "started": "9999"}).encode())
+    write_heartbeat(live)  # a driver that beat just now
+    import streamlit as st
+
+    st.cache_data.clear()  # the pages' readers cache for 5 s, in this process, across AppTests
+    try:
+        at = app("runs")
+        assert at.multiselect[2].value == ["live-run"]  # the newest run is selected
+        assert any("live: refreshing every" in c.value for c in at.caption)
+        at.multiselect[2].set_value(["dino-vit"]).run()
+        assert not any("live: refreshing" in c.value for c in at.caption)
+    finally:
+        for key in live.list():
+            live.delete(key)
+        st.cache_data.clear()
 
 
 def test_sweeps_page_has_an_empty_state(runs):
@@ -106,6 +136,8 @@ def test_embeddings_page_maps_and_retrieves(runs):
     pics = images(at)
     assert pics[0].caption.startswith("query:") and len(pics) == 1 + 8
     assert any("neighbours share the query's class" in c.value for c in at.caption)
+    at.radio[0].set_value("UMAP").run()
+    assert not at.exception and charts(at)
 
 
 def test_reconstructions_page_shows_original_masked_and_reconstruction(runs):

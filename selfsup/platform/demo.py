@@ -47,6 +47,7 @@ Next:
   selfsup runs show {s['name']}
   selfsup eval knn {s['name']}          # full protocol: all 60k train / 10k test
   selfsup eval linear {s['name']}
+  selfsup dashboard                          # runs, curves, embeddings, views in the browser
   # the same job on a Ray cluster (a local head here), submitted with the job CLI:
   eval "$(selfsup storage env)"; export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_AUTH_MODE=token
   ray start --head --node-ip-address=127.0.0.1 --dashboard-host=127.0.0.1

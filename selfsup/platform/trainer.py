@@ -150,6 +150,11 @@ def ensure_ray(num_cpus: int | None = None) -> bool:
 
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    # An explicit level on the loggers that talk while the driver starts: the "ray" logger's own
+    # level was seen back at INFO by then ("Started a local Ray instance" with two `selfsup train`
+    # starting at once), and a child's own level holds whatever its parent's is.
+    for name in ("ray._private.worker", "ray._private.authentication"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     address = os.environ.get("RAY_ADDRESS")
     if ray.is_initialized():
         return not address

@@ -34,7 +34,8 @@ def project(_f: torch.Tensor, key: tuple, how: str):
     if how == "UMAP":
         import umap
 
-        return torch.from_numpy(umap.UMAP(n_components=2, random_state=0).fit_transform(_f.numpy()))
+        n = min(15, len(_f) - 1)  # UMAP's default neighbourhood, for a handful of images too
+        return torch.from_numpy(umap.UMAP(n_components=2, n_neighbors=max(2, n), random_state=0).fit_transform(_f.numpy()))
     centred = _f - _f.mean(0)
     _, _, v = torch.pca_lowrank(centred, q=2, center=False)
     return centred @ v[:, :2]
