@@ -49,7 +49,9 @@ def _session_processes(temp_dir: str) -> list[int]:
 def ray_head(s3):
     """A Ray head on 127.0.0.1 in a temp dir of its own; yields (dashboard URL, env for clients)."""
     temp_dir = tempfile.mkdtemp(prefix="rayjob-")
-    gcs, dash, client, agent, agent_grpc, rt_env, node_mgr, obj_mgr, metrics, lo = _free_ports(10)
+    gcs, dash, client, agent, agent_grpc, rt_env, node_mgr, obj_mgr, metrics = ports = _free_ports(9)
+    # the workers' 201 ports must hold none of the others (Ray refuses to start otherwise)
+    lo = next(p for p in _free_ports(20) if not any(p <= q <= p + 200 for q in ports))
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
     # the head's AWS_* reach every job's driver and workers: the test S3 server's, not on a command line
     env.update(s3.env(), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="token",
