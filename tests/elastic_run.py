@@ -1,6 +1,6 @@
 """One training run under one real fault, on a multi-node Ray cluster on this machine.
 
-    python tests/elastic_run.py FAULT[,FAULT...] OUT.json [--ray-defaults] [--steps N] [--at STEP]
+    python tests/elastic_run.py FAULT[,FAULT...] OUT.json [--ray-defaults] [--steps N] [--at STEP] [--set K=V]
 
 FAULT: kill-worker (kill -9 of a train worker process), node-loss (the node of a worker
 removed without notice), drain (that node drained with a 15 s preemption notice and removed at its
@@ -68,7 +68,7 @@ def config(args, elastic: bool):
         overrides.append("scaling.min_workers=1")
     if args.ray_defaults:  # Ray 2.60's own values of the platform's recovery settings
         overrides += ["scaling.resize_check_s=60", "scaling.worker_start_timeout_s=60", "scaling.health_check_s=2"]
-    return load_config(None, overrides)
+    return load_config(None, overrides + args.set)
 
 
 SEEN: dict = {}  # every train row observed, by (worker group, step): a restart replaces rows in the file
@@ -172,6 +172,8 @@ def main() -> None:
     ap.add_argument("faults", help=f"comma-separated, in order: {', '.join(FAULTS)}")
     ap.add_argument("out")
     ap.add_argument("--ray-defaults", action="store_true")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a config override after the others (one recovery setting at a time, say)")
     ap.add_argument("--steps", type=int, default=60)
     # Ray Train takes one report per health check (0.5 s) and uploads checkpoints one at a time
     # (~3-5 s for this one on 2 busy cores): more often than that, reports queue up behind training.

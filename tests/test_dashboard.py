@@ -114,6 +114,11 @@ def test_a_live_run_refreshes_itself(runs):
         st.cache_data.clear()
 
 
+def test_storage_that_cannot_be_read_is_one_line_on_the_page(runs):
+    at = app("runs", root="s3://no-such-bucket-here/runs")
+    assert at.error and "no-such-bucket-here" in at.error[0].value and "\n" not in at.error[0].value
+
+
 def test_sweeps_page_has_an_empty_state(runs):
     at = app("sweeps")
     assert at.info and "No sweeps" in at.info[0].value

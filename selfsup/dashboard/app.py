@@ -13,6 +13,7 @@ import os
 import streamlit as st
 
 from selfsup.dashboard.data import TOKEN_ENV, root
+from selfsup.pipelines.storage import StorageError
 
 PAGES = [("runs", "Runs", ":material/monitoring:"), ("sweeps", "Sweeps", ":material/tune:"),
          ("attention", "Attention", ":material/visibility:"), ("embeddings", "Embeddings", ":material/scatter_plot:"),
@@ -38,4 +39,7 @@ here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sections")
 nav = st.navigation([st.Page(os.path.join(here, f"{name}.py"), title=title, icon=icon, url_path=name)
                      for name, title, icon in PAGES])
 st.sidebar.caption(f"runs under `{root()}`")
-nav.run()
+try:
+    nav.run()
+except StorageError as e:  # storage away, a run unreadable: one line, and the page stays up
+    st.error(" ".join(str(e).split()))

@@ -77,6 +77,10 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 def serve(root: str, port: int, address: str = "127.0.0.1", log=print) -> int:
+    from selfsup.pipelines.storage import is_s3, resolve_endpoint
+
+    if is_s3(root):  # the endpoint now, as every command does (the embedded server starts if it is the one)
+        resolve_endpoint()
     proc, url, log_path = start(root, port, address)
     log(f"dashboard of {root}: {url}")
     log(f"(the token in the address is the only way in; Streamlit's log: {log_path}; Ctrl-C stops it)")
