@@ -234,3 +234,20 @@ def test_selfsup_dashboard_in_a_real_browser(runs, tmp_path):
     assert proc.returncode == 130
     with pytest.raises(ConnectionRefusedError):  # the Streamlit server went with it
         socket.create_connection(("127.0.0.1", port), timeout=5)
+
+
+def test_an_uploaded_picture_becomes_the_runs_kind_of_image():
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from selfsup.dashboard.pictures import decode_upload
+
+    buf = io.BytesIO()
+    Image.fromarray(np.full((5, 7, 3), (200, 10, 10), np.uint8)).save(buf, format="PNG")
+    rgb, grey = decode_upload(buf.getvalue(), 3), decode_upload(buf.getvalue(), 1)
+    assert rgb.shape == (3, 5, 7) and rgb[:, 0, 0].tolist() == [200, 10, 10]
+    assert grey.shape == (1, 5, 7) and grey.dtype == rgb.dtype
+    with pytest.raises(Exception):
+        decode_upload(b"not a picture", 3)
