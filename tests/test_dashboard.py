@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from selfsup import dashboard
 from selfsup.dashboard import data
 from selfsup.platform.config import load_config
 from selfsup.platform.runs import RunError
@@ -43,8 +44,8 @@ def runs(ray_local, tiny_labeled):
 def app(page: str | None = None, token: str | None = TOKEN, root: str = ROOT):
     from streamlit.testing.v1 import AppTest
 
-    os.environ[data.ROOT_ENV] = root
-    os.environ[data.TOKEN_ENV] = TOKEN
+    os.environ[dashboard.ROOT_ENV] = root
+    os.environ[dashboard.TOKEN_ENV] = TOKEN
     at = AppTest.from_file(APP, default_timeout=120)
     if token is not None:
         at.query_params["token"] = token

@@ -159,9 +159,10 @@ def test_a_sweep_killed_mid_way_continues_on_rerun_and_asha_stops_the_worse_tria
     # the dashboard's Sweeps page reads it: trials, a chart per parameter and the parallel plot, best.yaml
     from streamlit.testing.v1 import AppTest
 
+    from selfsup import dashboard
     from selfsup.dashboard import data
 
-    os.environ.update({data.ROOT_ENV: ROOT, data.TOKEN_ENV: "t"})
+    os.environ.update({dashboard.ROOT_ENV: ROOT, dashboard.TOKEN_ENV: "t"})
     at = AppTest.from_file(str(Path(data.__file__).with_name("app.py")), default_timeout=60)
     at.query_params["token"] = "t"
     at.run()

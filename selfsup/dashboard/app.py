@@ -12,7 +12,8 @@ import os
 
 import streamlit as st
 
-from selfsup.dashboard.data import TOKEN_ENV, root
+from selfsup.dashboard import TOKEN_ENV
+from selfsup.dashboard.data import root
 from selfsup.pipelines.storage import StorageError
 
 PAGES = [("runs", "Runs", ":material/monitoring:"), ("sweeps", "Sweeps", ":material/tune:"),

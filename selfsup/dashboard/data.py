@@ -9,11 +9,11 @@ import os
 
 import streamlit as st
 
+from selfsup.dashboard import ROOT_ENV
 from selfsup.pipelines.storage import Endpoint, is_s3, join, open_store, resolve_endpoint
 from selfsup.platform.runs import CONFIG, checkpoint_names, list_runs, list_sweeps, read_metrics, read_summary, \
     resolve_run, show_sweep
 
-ROOT_ENV, TOKEN_ENV = "SELFSUP_DASHBOARD_ROOT", "SELFSUP_DASHBOARD_TOKEN"
 LIVE_REFRESH_S = 5
 
 

@@ -16,7 +16,7 @@ import sys
 import time
 import urllib.request
 
-from selfsup.dashboard.data import ROOT_ENV, TOKEN_ENV
+from selfsup.dashboard import ROOT_ENV, TOKEN_ENV  # not data.py: Streamlit's caches warn outside the app
 from selfsup.pipelines.seaweed import selfsup_home
 from selfsup.platform.cli import UsageError
 

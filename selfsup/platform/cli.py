@@ -184,10 +184,10 @@ def _tokenizer_fit(args) -> int:
 
 
 def _dashboard(args) -> int:
-    from selfsup.dashboard.server import serve
-
     if not 1 <= args.port <= 65535:
         raise UsageError(f"--port must be in 1..65535, got {args.port}")
+    from selfsup.dashboard.server import serve
+
     return serve(args.root, args.port, args.address)
 
 
