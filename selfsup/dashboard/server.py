@@ -7,6 +7,7 @@ $SELFSUP_HOME/dashboard/, not to the console."""
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import secrets
 import signal
@@ -22,6 +23,13 @@ from selfsup.platform.cli import UsageError
 
 APP = os.path.join(os.path.dirname(os.path.abspath(__file__)), "app.py")
 START_TIMEOUT_S = 60
+
+
+def _wildcard(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address).is_unspecified
+    except ValueError:  # a host name
+        return False
 
 
 def _check_port(address: str, port: int) -> None:
@@ -49,7 +57,7 @@ def start(root: str, port: int, address: str = "127.0.0.1") -> tuple[subprocess.
            "--client.toolbarMode", "viewer", "--global.developmentMode", "false"]
     with os.fdopen(fd, "w") as out:
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    host = address if address not in ("0.0.0.0", "::") else "127.0.0.1"
+    host = "127.0.0.1" if _wildcard(address) else address  # ask the health check on loopback then
     deadline = time.monotonic() + START_TIMEOUT_S
     while True:
         try:

@@ -325,7 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "needed by every browser session.")
     s.add_argument("--root", default=DEFAULT_RUNS)
     s.add_argument("--port", type=int, default=8501)
-    s.add_argument("--address", default="127.0.0.1", help="0.0.0.0 to serve other machines (the token still applies)")
+    s.add_argument("--address", default="127.0.0.1",
+                   help="the interface to listen on (default loopback only; another one serves other machines, "
+                        "and the token still applies)")
     s.set_defaults(func=_dashboard)
 
     s = sub.add_parser("demo", help="the whole job on the embedded defaults (what `make demo` runs)",
