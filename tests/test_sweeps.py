@@ -69,11 +69,12 @@ def test_grid_entries_go_with_the_grid_searcher_only(tmp_path):
 
 def _sweep_cmd(data):
     # kNN over every train sample: at eval.temperature 1000 every neighbour votes alike, a majority vote
-    # at chance level, so the middle trial is certainly the worst and ASHA must stop it.
+    # at chance level, so the middle trial is certainly the worst and ASHA must stop it. A whole CPU per
+    # worker leaves exactly one for Ray Data's read tasks: a trial driver that took any CPU starved them.
     return [sys.executable, "-m", "selfsup", "tune", "simclr_resnet18", "--space", "SPACE", "--max-concurrent", "1",
             "--name", "sw", f"data.uri={data}", "data.batch_size=8", "data.views.view0.size=16",
             "data.views.view1.size=16", "model.name=resnet10t", "model.cifar_stem=false", "method.proj_hidden_dim=64",
-            "method.proj_dim=32", "scaling.num_workers=1", "eval.train_samples=0", "eval.test_samples=0", "eval.k=1000",
+            "method.proj_dim=32", "scaling.num_workers=1", "scaling.cpus_per_worker=1", "eval.train_samples=0", "eval.test_samples=0", "eval.k=1000",
             "eval.every_epochs=1", "eval.at_start=false", "schedule.epochs=2", f"storage.root={ROOT}"]
 
 

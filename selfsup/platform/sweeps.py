@@ -37,7 +37,10 @@ from selfsup.platform.runs import (BEST, SPACE, SUMMARY, SWEEP, TRIAL, TRIALS, T
                                    evals, now, read_metrics, read_summary, read_sweep, trials_csv, trials_of)
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
 SEARCHERS = ("grid", "random", "optuna")
-TRIAL_CPU = 0.01  # a trial's driver only waits on its Ray Train workers; Tune refuses trials that ask for nothing
+# A trial's driver only waits on its Ray Train workers, so it takes no CPU: even 0.01 of one left
+# 0.99 of the spare CPU on a 2-CPU machine, and Ray Data's whole-CPU read tasks never started (seen).
+# Tune refuses a trial that asks for nothing; the driver's process does hold about 1 GiB.
+TRIAL_RESOURCES = {"CPU": 0, "memory": 2**30}
 # the shipped space for each method's family (selfsup/configs/spaces/)
 FAMILY = {"simclr": "contrastive", "mocov2": "contrastive", "mocov3": "contrastive", "swav": "clustering",
           "deepclusterv2": "clustering", "dino": "dino", "byol": "two_views", "simsiam": "two_views",
@@ -249,7 +252,8 @@ def max_trials_at_once(cfg: Config) -> int:
     workers = cfg.scaling.min_workers or cfg.scaling.num_workers
     total = ray.cluster_resources()
     free = {k: total.get(k, 0.0) - (1.0 if k == "CPU" else 0.0) for k in worker_resources(cfg)}
-    fits = [free[k] / (v * workers + (TRIAL_CPU if k == "CPU" else 0.0)) for k, v in worker_resources(cfg).items()]
+    fits = [free[k] / (v * workers) for k, v in worker_resources(cfg).items()]
+    fits.append(total.get("memory", 0.0) / TRIAL_RESOURCES["memory"])
     return max(1, int(min(fits) + 1e-9))
 
 
@@ -301,7 +305,7 @@ def tune_sweep(config: str | None, overrides: list[str], space: str | None = Non
         f"{max_concurrent or 'as many as fit'} trial(s) at once" + (", continuing" if previous else "") + ")")
     trial_spec = {"config": spec["config"], "space_name": space_name, "space": sp.as_dict(), "uri": uri,
                   "ep": dataclasses.asdict(ep) if ep else None, "metric": metric}
-    trainable = tune.with_resources(tune.with_parameters(_trial, spec=trial_spec), {"CPU": TRIAL_CPU})
+    trainable = tune.with_resources(tune.with_parameters(_trial, spec=trial_spec), TRIAL_RESOURCES)
     fs, root_path = fs_and_path(uri, ep)
     tune_path = f"{root_path.rstrip('/')}/{TUNE_DIR}"
     if previous and tune.Tuner.can_restore(tune_path, storage_filesystem=fs):

@@ -1,0 +1,161 @@
+"""A real `selfsup tune` sweep on Fashion-MNIST: time-budgeted trials with ASHA, each trial then
+scored by the full kNN protocol (all 60,000 train images as memory, all 10,000 test images as
+queries), beside the 15-minute settings of benchmarks/knn_budget.py trained for the same budget.
+
+SimCLR: temperature x jitter strength x crop-scale minimum (benchmarks/spaces/simclr_fashion.yaml);
+DINO: teacher temperature x local-crop scale (benchmarks/spaces/dino_fashion.yaml). Trials are
+drawn at random (seeded) and ASHA compares them on the periodic kNN (10,000/2,000 images) after each
+quarter of the budget. The sweep's state lives in a persistent S3 home (`--home`), so the same
+command continues a killed invocation without re-running finished trials or evaluations.
+
+    python benchmarks/sweep_fashion.py --method simclr             # 12 trials of 180 s
+    python benchmarks/sweep_fashion.py --method dino               # 6 trials of 180 s
+    python benchmarks/sweep_fashion.py --method simclr --quick     # 2 tiny trials, < 3 minutes
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from statistics import median
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import commit, keep_rows, write_section  # noqa: E402
+from knn_budget import COMMON, DINO, SIMCLR  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROWS = os.path.join(HERE, "sweep_fashion_rows.json")
+SETTINGS = {"simclr": SIMCLR, "dino": DINO}
+TRIALS = {"simclr": 12, "dino": 6}
+# Images/s each trains at on this kind of machine (knn_budget.py's 15-minute runs), to place the
+# periodic evaluations at quarters of the time budget
+RATE = {"simclr": 266.0, "dino": 133.0}
+EVALS = 4
+TRAIN_IMAGES = 60_000
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--method", choices=list(SETTINGS), required=True)
+    ap.add_argument("--trials", type=int, help="random trials (default: SimCLR 12, DINO 6)")
+    ap.add_argument("--budget", type=float, default=180.0, help="training seconds per trial")
+    ap.add_argument("--home", default=os.path.expanduser("~/.cache/selfsup-bench-sweeps"),
+                    help="the S3 server's home, kept between invocations so the sweep can continue")
+    ap.add_argument("--repeats", type=int, default=3, help="runs of the sweep's pick and of knn_budget.py's settings")
+    ap.add_argument("--quick", action="store_true", help="2 trials of 10 s on 3,000 images, small kNN")
+    args = ap.parse_args()
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+
+    from selfsup.pipelines.seaweed import exported
+    from selfsup.pipelines.shards import ShardOptions, write_shards
+    from selfsup.pipelines.sources import Source, fashion_mnist
+    from selfsup.pipelines.storage import join, open_store
+    from selfsup.platform.config import load_config
+    from selfsup.platform.evaluate import evaluate_run
+    from selfsup.platform.runs import read_summary
+    from selfsup.platform.sweeps import tune_sweep
+    from selfsup.platform.trainer import train
+
+    method, trials, budget = args.method, args.trials or TRIALS[args.method], args.budget
+    n_full = 0  # the whole split
+    home = args.home
+    if args.quick:
+        trials, budget, n_full, home, args.repeats = 2, 10.0, 2000, home + "-quick", 2
+    os.makedirs(home, mode=0o700, exist_ok=True)
+    t_all = time.time()
+    with exported(home):
+        fm = fashion_mnist()
+        data = "s3://bench/fashion-mnist"
+        if args.quick:
+            data = "s3://bench/fm-quick"
+            fm = Source(fm.name, fm.class_names, {"train": fm.splits["train"][:3000], "test": fm.splits["test"][:500]},
+                        fm.mode, fm.size, fm.fingerprint + "q", fm.encode)
+        write_shards(fm, data, ShardOptions(), progress=False, log=lambda *_: None)
+        every = budget * RATE[method] / len(fm.splits["train"]) / EVALS
+        sweep_set = [f"schedule.time_budget_s={budget:g}", f"eval.every_epochs={every:.4f}",
+                     f"train.checkpoint_every_epochs={every:.4f}",  # a stopped trial is scored where it stopped
+                     *(["eval.train_samples=1000", "eval.test_samples=200", "data.batch_size=64"] if args.quick else [])]
+        overrides = [f"data.uri={data}", "storage.root=s3://bench/sweeps", *COMMON, *SETTINGS[method], *sweep_set]
+        space = os.path.join(HERE, "spaces", f"{method}_fashion.yaml")
+        name = f"{method}-fashion-{budget:.0f}s-{trials}" + ("-quick" if args.quick else "")
+        t0 = time.time()
+        state = tune_sweep(None, overrides, space=space, searcher="random", samples=trials, name=name)
+        sweep_s = time.time() - t0
+
+        key = {"method": method, "budget": budget, "trials": trials, "quick": args.quick}
+        done = keep_rows(ROWS, key, {})
+        for t in state["trials"]:
+            if t["trial"] not in done:  # each trial's full kNN once, kept across invocations
+                full = evaluate_run(join(state["uri"], t["trial"]), "knn", n_full, n_full, log=lambda *_: None)
+                done = keep_rows(ROWS, key, {t["trial"]: {**t, "knn_full": full["knn_top1"], "commit": commit()}})
+                print(t["trial"], t["params"], f"full kNN {full['knn_top1']:.2f}%", flush=True)
+        # The decisive comparison, repeated: the sweep's pick (best.yaml, as `selfsup train` takes it) and
+        # knn_budget.py's settings, each trained `repeats` times for the same budget (the pick's trial is one)
+        with tempfile.NamedTemporaryFile("wb", suffix=".yaml") as best:
+            best.write(open_store(state["uri"]).read("best.yaml"))
+            best.flush()
+            runs = [(f"baseline-{i}", None) for i in range(1, args.repeats + 1)]
+            runs += [(f"best-{i}", best.name) for i in range(2, args.repeats + 1)]
+            for label, path in runs:
+                if label in done:
+                    continue
+                run = f"{name}-{label}"
+                uri = f"s3://bench/sweeps/{run}"
+                if read_summary(open_store(uri, create=True)).get("status") != "finished":
+                    train(load_config(path, [*([] if path else overrides), f"storage.name={run}"]), log=lambda *_: None)
+                s = read_summary(open_store(uri))
+                full = evaluate_run(uri, "knn", n_full, n_full, log=lambda *_: None)
+                done = keep_rows(ROWS, key, {label: {"trial": label, "status": s["status"], "step": s["step"],
+                                                     "knn_full": full["knn_top1"], "commit": commit()}})
+                print(label, f"full kNN {full['knn_top1']:.2f}%", flush=True)
+    write_table(method, done, state, sweep_set, budget, trials, args.quick, args.repeats,
+                f"Sweep {sweep_s:.0f} s in this invocation; the whole invocation {time.time() - t_all:.0f} s.")
+
+
+def write_table(method: str, table: dict, state: dict, sweep_set: list[str], budget: float, trials: int, quick: bool,
+                repeats: int, footer: str) -> None:
+    ranked = sorted((r for r in table.values() if "params" in r), key=lambda r: -r["knn_full"])
+    labels = list(ranked[0]["params"]) if ranked else []
+    lines = ["| trial | " + " | ".join(labels) + " | status | steps | periodic kNN, last (10k/2k) | full kNN (60k/10k) | code |",
+             "|---|" + "---|" * len(labels) + "---|---|---|---|---|"]
+    for r in ranked:
+        status = "stopped early (ASHA)" if r["stopped_early"] else r["status"]
+        pick = " (the sweep's pick)" if r["trial"] == state.get("best") else ""
+        lines.append(f"| {r['trial']}{pick} | " + " | ".join(f"{r['params'][k]:.3g}" for k in labels)
+                     + f" | {status} | {r['step']} | {r['final_knn_top1']:.2f}% | {r['knn_full']:.2f}% | {r['commit']} |")
+
+    def spread(rows: list[dict]) -> str:
+        accs = sorted(r["knn_full"] for r in rows)
+        return f"median {median(accs):.2f}% ({accs[0]:.2f}-{accs[-1]:.2f}, {len(accs)} runs)"
+
+    pick = [r for r in ranked if r["trial"] == state.get("best")]
+    picks = pick + [r for k, r in table.items() if k.startswith("best-")]
+    bases = [r for k, r in table.items() if k.startswith("baseline-")]
+    verdict = (f"The sweep's pick (`best.yaml`, best final periodic kNN) {state.get('best')} against knn_budget.py's "
+               f"settings, both trained {budget:.0f} s, full kNN: pick {spread(picks)}, knn_budget.py's settings "
+               f"{spread(bases)}.") if picks and bases else ""
+    name = "DINO" if method == "dino" else "SimCLR"
+    if quick:  # a check of the script, not a figure
+        print("\n".join(lines) + f"\n{verdict}\n{footer}")
+        return
+    write_section(f"Sweep on Fashion-MNIST: {name}, {trials} trials of {budget:.0f} s (issue 15)", "\n".join(lines) + f"""
+
+{verdict}
+
+`selfsup tune` (random search, {trials} trials, ASHA on the periodic kNN with grace period 1 and
+reduction factor 2, one trial at a time on this machine's 2 cores), space
+`benchmarks/spaces/{method}_fashion.yaml`, each trial {budget:.0f} s of training with knn_budget.py's
+{name} settings (listed in its section) and `{' '.join(sweep_set)}`. Full kNN: k=20, T=0.07, cosine, memory all 60,000 train images, queries all
+10,000 test images, on each trial's last checkpoint (for a stopped trial, where ASHA stopped it).
+The pick and the baseline are each run {repeats} times (the pick's trial is one of its runs). Rows
+are kept in `benchmarks/sweep_fashion_rows.json`.
+
+{footer}""")
+
+
+if __name__ == "__main__":
+    main()
