@@ -8,8 +8,8 @@ drawn at random (seeded) and ASHA compares them on the periodic kNN (10,000/2,00
 quarter of the budget. The sweep's state lives in a persistent S3 home (`--home`), so the same
 command continues a killed invocation without re-running finished trials or evaluations.
 
-    python benchmarks/sweep_fashion.py --method simclr             # 12 trials of 180 s
-    python benchmarks/sweep_fashion.py --method dino               # 6 trials of 180 s
+    python benchmarks/sweep_fashion.py --method simclr             # 12 trials of 240 s
+    python benchmarks/sweep_fashion.py --method dino               # 6 trials of 240 s
     python benchmarks/sweep_fashion.py --method simclr --quick     # 2 tiny trials, < 3 minutes
 """
 
@@ -30,10 +30,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROWS = os.path.join(HERE, "sweep_fashion_rows.json")
 SETTINGS = {"simclr": SIMCLR, "dino": DINO}
 TRIALS = {"simclr": 12, "dino": 6}
-# Images/s each trains at on this kind of machine (knn_budget.py's 15-minute runs), to place the
-# periodic evaluations at quarters of the time budget
-RATE = {"simclr": 266.0, "dino": 133.0}
-EVALS = 4
+EVALS = 4  # periodic kNN evaluations per trial, the rungs ASHA compares trials at
+PERIODIC = (5000, 1000)  # their train and test images (the full protocol scores every trial at the end)
 TRAIN_IMAGES = 60_000
 
 
@@ -41,7 +39,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--method", choices=list(SETTINGS), required=True)
     ap.add_argument("--trials", type=int, help="random trials (default: SimCLR 12, DINO 6)")
-    ap.add_argument("--budget", type=float, default=180.0, help="training seconds per trial")
+    ap.add_argument("--budget", type=float, default=240.0, help="training seconds per trial")
     ap.add_argument("--home", default=os.path.expanduser("~/.cache/selfsup-bench-sweeps"),
                     help="the S3 server's home, kept between invocations so the sweep can continue")
     ap.add_argument("--repeats", type=int, default=3, help="runs of the sweep's pick and of knn_budget.py's settings")
@@ -61,10 +59,11 @@ def main():
     from selfsup.platform.trainer import train
 
     method, trials, budget = args.method, args.trials or TRIALS[args.method], args.budget
-    n_full = 0  # the whole split
+    n_full, periodic = 0, PERIODIC  # the whole splits; the periodic evaluations' subsets
     home = args.home
     if args.quick:
         trials, budget, n_full, home, args.repeats = 2, 10.0, 2000, home + "-quick", 2
+        periodic = (1000, 200)
     os.makedirs(home, mode=0o700, exist_ok=True)
     t_all = time.time()
     with exported(home):
@@ -75,19 +74,36 @@ def main():
             fm = Source(fm.name, fm.class_names, {"train": fm.splits["train"][:3000], "test": fm.splits["test"][:500]},
                         fm.mode, fm.size, fm.fingerprint + "q", fm.encode)
         write_shards(fm, data, ShardOptions(), progress=False, log=lambda *_: None)
-        every = budget * RATE[method] / len(fm.splits["train"]) / EVALS
-        sweep_set = [f"schedule.time_budget_s={budget:g}", f"eval.every_epochs={every:.4f}",
-                     f"train.checkpoint_every_epochs={every:.4f}",  # a stopped trial is scored where it stopped
-                     *(["eval.train_samples=1000", "eval.test_samples=200", "data.batch_size=64"] if args.quick else [])]
-        overrides = [f"data.uri={data}", "storage.root=s3://bench/sweeps", *COMMON, *SETTINGS[method], *sweep_set]
-        space = os.path.join(HERE, "spaces", f"{method}_fashion.yaml")
+        base = [f"data.uri={data}", "storage.root=s3://bench/sweeps", *COMMON, *SETTINGS[method],
+                f"schedule.time_budget_s={budget:g}", *(["data.batch_size=64"] if args.quick else [])]
         name = f"{method}-fashion-{budget:.0f}s-{trials}" + ("-quick" if args.quick else "")
-        t0 = time.time()
-        state = tune_sweep(None, overrides, space=space, searcher="random", samples=trials, name=name)
-        sweep_s = time.time() - t0
-
         key = {"method": method, "budget": budget, "trials": trials, "quick": args.quick}
         done = keep_rows(ROWS, key, {})
+
+        def scored(label: str, config: str | None, overrides: list[str]) -> dict:
+            """A run of the same budget outside the sweep (trained unless finished), with its full kNN."""
+            run = f"{name}-{label}"
+            uri = f"s3://bench/sweeps/{run}"
+            cfg = load_config(config, [*overrides, f"storage.name={run}"])
+            if read_summary(open_store(uri, create=True)).get("status") != "finished":
+                train(cfg, log=lambda *_: None)
+            s = read_summary(open_store(uri))
+            full = evaluate_run(uri, "knn", n_full, n_full, log=lambda *_: None)
+            print(label, f"full kNN {full['knn_top1']:.2f}%", flush=True)
+            return {"trial": label, "status": s["status"], "step": s["step"], "knn_full": full["knn_top1"],
+                    "img_s": s["step"] * cfg.data.batch_size / s["elapsed_s"], "commit": commit()}
+
+        # knn_budget.py's settings first: the images/s they train at on this machine place the sweep's
+        # periodic evaluations at quarters of the budget
+        if "baseline-1" not in done:
+            done = keep_rows(ROWS, key, {"baseline-1": scored("baseline-1", None, base)})
+        every = budget * done["baseline-1"]["img_s"] / len(fm.splits["train"]) / EVALS
+        sweep_set = [f"eval.every_epochs={every:.4f}", f"train.checkpoint_every_epochs={every:.4f}",  # a stopped trial is scored where it stopped
+                     f"eval.train_samples={periodic[0]}", f"eval.test_samples={periodic[1]}"]
+        space = os.path.join(HERE, "spaces", f"{method}_fashion.yaml")
+        t0 = time.time()
+        state = tune_sweep(None, [*base, *sweep_set], space=space, searcher="random", samples=trials, name=name)
+        sweep_s = time.time() - t0
         for t in state["trials"]:
             if t["trial"] not in done:  # each trial's full kNN once, kept across invocations
                 full = evaluate_run(join(state["uri"], t["trial"]), "knn", n_full, n_full, log=lambda *_: None)
@@ -98,20 +114,10 @@ def main():
         with tempfile.NamedTemporaryFile("wb", suffix=".yaml") as best:
             best.write(open_store(state["uri"]).read("best.yaml"))
             best.flush()
-            runs = [(f"baseline-{i}", None) for i in range(1, args.repeats + 1)]
-            runs += [(f"best-{i}", best.name) for i in range(2, args.repeats + 1)]
-            for label, path in runs:
-                if label in done:
-                    continue
-                run = f"{name}-{label}"
-                uri = f"s3://bench/sweeps/{run}"
-                if read_summary(open_store(uri, create=True)).get("status") != "finished":
-                    train(load_config(path, [*([] if path else overrides), f"storage.name={run}"]), log=lambda *_: None)
-                s = read_summary(open_store(uri))
-                full = evaluate_run(uri, "knn", n_full, n_full, log=lambda *_: None)
-                done = keep_rows(ROWS, key, {label: {"trial": label, "status": s["status"], "step": s["step"],
-                                                     "knn_full": full["knn_top1"], "commit": commit()}})
-                print(label, f"full kNN {full['knn_top1']:.2f}%", flush=True)
+            for label, config, overrides in [*((f"baseline-{i}", None, base) for i in range(2, args.repeats + 1)),
+                                             *((f"best-{i}", best.name, []) for i in range(2, args.repeats + 1))]:
+                if label not in done:
+                    done = keep_rows(ROWS, key, {label: scored(label, config, overrides)})
     write_table(method, done, state, sweep_set, budget, trials, args.quick, args.repeats,
                 f"Sweep {sweep_s:.0f} s in this invocation; the whole invocation {time.time() - t_all:.0f} s.")
 
@@ -120,7 +126,7 @@ def write_table(method: str, table: dict, state: dict, sweep_set: list[str], bud
                 repeats: int, footer: str) -> None:
     ranked = sorted((r for r in table.values() if "params" in r), key=lambda r: -r["knn_full"])
     labels = list(ranked[0]["params"]) if ranked else []
-    lines = ["| trial | " + " | ".join(labels) + " | status | steps | periodic kNN, last (10k/2k) | full kNN (60k/10k) | code |",
+    lines = ["| trial | " + " | ".join(labels) + " | status | steps | periodic kNN, last | full kNN (60k/10k) | code |",
              "|---|" + "---|" * len(labels) + "---|---|---|---|---|"]
     for r in ranked:
         status = "stopped early (ASHA)" if r["stopped_early"] else r["status"]
@@ -149,7 +155,8 @@ def write_table(method: str, table: dict, state: dict, sweep_set: list[str], bud
 `selfsup tune` (random search, {trials} trials, ASHA on the periodic kNN with grace period 1 and
 reduction factor 2, one trial at a time on this machine's 2 cores), space
 `benchmarks/spaces/{method}_fashion.yaml`, each trial {budget:.0f} s of training with knn_budget.py's
-{name} settings (listed in its section) and `{' '.join(sweep_set)}`. Full kNN: k=20, T=0.07, cosine, memory all 60,000 train images, queries all
+{name} settings (listed in its section) and `{' '.join(sweep_set)}` (the periodic kNN, on subsets, every quarter of the budget at the images/s
+knn_budget.py's settings trained at in their first run). Full kNN: k=20, T=0.07, cosine, memory all 60,000 train images, queries all
 10,000 test images, on each trial's last checkpoint (for a stopped trial, where ASHA stopped it).
 The pick and the baseline are each run {repeats} times (the pick's trial is one of its runs). Rows
 are kept in `benchmarks/sweep_fashion_rows.json`.
