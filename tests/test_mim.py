@@ -186,3 +186,96 @@ def test_beit_tokenizer_from_the_shards_and_a_run_with_it(tiny_labeled, tmp_path
     cfg = load_config("beit_vit_tiny", [*over, f"method.tokenizer={out}"])
     m = build_method(cfg)
     assert m.codebook.abs().sum() > 0
+
+
+# ---------------------------------------------------------------- the masked methods learn on real images
+
+def _fashion(n):
+    import gzip
+
+    import numpy as np
+
+    from selfsup.pipelines.sources import FASHION_MNIST_DIR
+
+    with gzip.open(FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz") as f:
+        images = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28)[:n]
+    return [torch.from_numpy(im.copy()).unsqueeze(0) for im in images]
+
+
+def _shipped_tiny(method, *extra):
+    """The shipped ViT-tiny config at 16 px views and 2 blocks, so a few dozen steps run in seconds."""
+    from selfsup.platform.config import load_config
+
+    return load_config(f"{method}_vit_tiny", ["data.views.view.size=16", "data.views.view.scale=[0.5, 1.0]",
+                                             "model.kwargs={img_size: 16, patch_size: 4, depth: 2}",
+                                             "data.batch_size=64", "schedule.steps=40", *extra])
+
+
+def _beit_tokenizer(m, cfg, images):
+    import io
+
+    from selfsup.platform.tokenizer import tokenizer_inputs
+
+    buf = io.BytesIO()
+    torch.save(fit_codebook(tokenizer_inputs(cfg, images), m.patch, m.params.vocab_size, seed=0), buf)
+    m.load_tokenizer(buf.getvalue())
+
+
+@pytest.mark.parametrize("method", ["mae", "simmim", "beit", "maskfeat", "ijepa"])
+def test_masked_method_loss_falls_well_below_its_start_on_fashion_mnist(method):
+    # 40 steps on 64 images: MAE, SimMIM, BEiT and I-JEPA fell by 20-29%, MaskFeat by 82% when written
+    from selfsup.pipelines.views import make_views
+    from selfsup.platform.step import TrainStep, build_method
+
+    torch.manual_seed(0)
+    cfg = _shipped_tiny(method, *(["method.vocab_size=32"] if method == "beit" else []))
+    m = build_method(cfg, num_samples=64)
+    images = _fashion(64)
+    if method == "beit":
+        _beit_tokenizer(m, cfg, images)
+    step = TrainStep(m, cfg, torch.device("cpu"))
+    m.start_epoch(0)
+    outs = [step(make_views(images, cfg.data.views, torch.Generator().manual_seed(i)), i / 40) for i in range(40)]
+    losses = [o["loss"] for o in outs]
+    first, last = sum(losses[:3]) / 3, sum(losses[-5:]) / 5
+    assert last < 0.85 * first, (first, last, losses)
+    assert outs[-1]["embed_std"] > 0.01  # not by collapsing (I-JEPA's targets come from its own encoder)
+
+
+def test_beit_tokens_of_an_image_are_the_same_at_fit_time_and_at_train_time():
+    from selfsup.pipelines.views import make_views, to_model_input
+    from selfsup.platform.step import build_method
+
+    # A full, unflipped crop at train time is the very image the tokenizer was fitted on
+    cfg = _shipped_tiny("beit", "method.vocab_size=32", "data.views.view.scale=[1.0, 1.0]",
+                        "data.views.view.ratio=[1.0, 1.0]", "data.views.view.flip_p=0")
+    m = build_method(cfg)
+    images = _fashion(64)
+    _beit_tokenizer(m, cfg, images)
+    from selfsup.platform.tokenizer import tokenizer_inputs
+
+    at_fit = m.tokens(tokenizer_inputs(cfg, images))
+    view = make_views(images, cfg.data.views, torch.Generator().manual_seed(0))
+    at_train = m.tokens(to_model_input(view, cfg.data.mean, cfg.data.std, cfg.model.in_chans)["image"])
+    assert torch.equal(at_fit, at_train)
+    assert len(at_fit.unique()) > 8  # the words are used, not one catch-all
+
+
+def test_ijepa_target_encoder_is_never_updated_by_gradients():
+    from selfsup.pipelines.views import make_views
+    from selfsup.platform.step import TrainStep, build_method
+
+    torch.manual_seed(0)
+    cfg = _shipped_tiny("ijepa")
+    m = build_method(cfg, num_samples=64)
+    step = TrainStep(m, cfg, torch.device("cpu"))
+    assert not any(p.requires_grad for p in m.target_encoder.parameters())
+    assert not any(p is q for p in m.target_encoder.parameters() for g in step.optimizer.param_groups for q in g["params"])
+    images = _fashion(64)
+    for i in range(3):
+        before = [p.detach().clone() for p in m.target_encoder.parameters()]
+        step(make_views(images, cfg.data.views, torch.Generator().manual_seed(i)), i / 40)
+        mom = m.momentum
+        # exactly the EMA of the context encoder after its update: nothing else moved it
+        for b, t, o in zip(before, m.target_encoder.parameters(), m.encoder.parameters()):
+            assert t.grad is None and torch.allclose(t, mom * b + (1 - mom) * o.detach(), atol=1e-6)

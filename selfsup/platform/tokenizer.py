@@ -18,6 +18,15 @@ def read_uri(uri: str, ep: Endpoint | None = None) -> bytes:
     return open_store(parent, ep).read(name)
 
 
+def tokenizer_inputs(cfg: Config, images: list[torch.Tensor]) -> torch.Tensor:
+    """The images as the tokenizer is fitted on them: whole, at the view size, normalised as the
+    model's input (a full crop at train time gives these pixels, and so the same tokens)."""
+    size = cfg.view_size()
+    return torch.cat([to_model_input(make_views(images[i:i + 1024], Plain(size=size), torch.Generator()),
+                                     cfg.data.mean, cfg.data.std, cfg.model.in_chans)["image"]
+                      for i in range(0, len(images), 1024)])
+
+
 def fit_tokenizer(cfg: Config, out_uri: str, ep: Endpoint | None = None, log=print) -> str:
     """Fit k-means visual words on `method.tokenizer_samples` train images at the view size; write to out_uri."""
     from selfsup.methods.beit import fit_codebook
@@ -27,10 +36,7 @@ def fit_tokenizer(cfg: Config, out_uri: str, ep: Endpoint | None = None, log=pri
     t0 = time.perf_counter()
     p = cfg.method_params()
     images, _ = load_labeled(cfg.data.uri, cfg.data.train_split, p.get("tokenizer_samples", 20000), cfg.data.seed, ep)
-    size = cfg.view_size()
-    x = torch.cat([to_model_input(make_views(images[i:i + 1024], Plain(size=size), torch.Generator()),
-                                  cfg.data.mean, cfg.data.std, cfg.model.in_chans)["image"]
-                   for i in range(0, len(images), 1024)])
+    x = tokenizer_inputs(cfg, images)
     patch = build_method(cfg).patch
     state = fit_codebook(x, patch, p.get("vocab_size", 512), seed=cfg.data.seed)
     buf = io.BytesIO()
