@@ -95,6 +95,27 @@ def test_runs_and_eval_commands_read_the_run(finished_run, capsys):
     assert res["checkpoint"] == "random init" and {"linear_top1_1", "linear_top1_0.1", "linear_top1_0.01"} <= set(res)
 
 
+def test_finetune_starts_from_the_checkpoint_and_sees_a_balanced_fraction_of_the_labels(finished_run, capsys):
+    from selfsup.platform.evaluate import load_labeled, load_run
+    from selfsup.platform.finetune import weights_sha256
+
+    data, _, _ = finished_run
+    assert main(["eval", "finetune", "e2e", "--root", ROOT, "--fraction", "0.5", "--epochs", "1", "--batch-size", "8"]) == 0
+    out = capsys.readouterr().out
+    res = json.loads(open_store(f"{ROOT}/e2e").read("eval/finetune-0.5-1ep.json"))
+    from_ckpt, from_init = res["rows"]
+    _, trained, used = load_run(f"{ROOT}/e2e", None)
+    _, init, _ = load_run(f"{ROOT}/e2e", None, random_init=True)
+    assert from_ckpt["start"] == used and from_ckpt["backbone_sha256"] == weights_sha256(trained.backbone)
+    assert from_init["start"] == "random init" and from_init["backbone_sha256"] == weights_sha256(init.backbone)
+    assert from_ckpt["backbone_sha256"] != from_init["backbone_sha256"]
+    _, labels = load_labeled(data, "train")
+    want = [max(1, round(0.5 * int(n))) for n in torch.bincount(labels)]
+    assert res["per_class"] == want and res["train_images"] == sum(want)
+    assert res["test_images"] == len(load_labeled(data, "test")[1]) and all(0 <= r["top1"] <= 100 for r in res["rows"])
+    assert f"from {used}" in out and "from random init" in out and "eval/finetune-0.5-1ep.json" in out
+
+
 def test_dino_trains_end_to_end(ray_local, tiny_labeled):
     data, _ = tiny_labeled
     cfg = load_config(None, [

@@ -149,8 +149,26 @@ def _eval(args) -> int:
     from selfsup.platform.evaluate import evaluate_run
     from selfsup.platform.runs import resolve_run
 
-    out = evaluate_run(resolve_run(args.run, args.root), args.kind, args.train_samples, args.test_samples,
-                       args.checkpoint, args.random_init, args.teacher)
+    tuning = {k: getattr(args, k) for k in ("fraction", "epochs", "batch_size", "lr", "layer_decay")
+              if getattr(args, k) is not None}
+    if args.kind != "finetune" and tuning:
+        raise UsageError(f"--{next(iter(tuning)).replace('_', '-')} is for `eval finetune`")
+    run = resolve_run(args.run, args.root)
+    if args.kind == "finetune":
+        from selfsup.platform.finetune import FinetuneParams, finetune_run, report
+
+        if args.random_init:
+            raise UsageError("--random-init: fine-tuning always scores the random init beside the run")
+        try:
+            p = FinetuneParams(**tuning)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        out = finetune_run(run, p, args.checkpoint, args.teacher, args.train_samples, args.test_samples,
+                           log=lambda line: print(line, file=sys.stderr, flush=True))
+        print(report(out))
+        return 0
+    out = evaluate_run(run, args.kind, args.train_samples, args.test_samples, args.checkpoint, args.random_init,
+                       args.teacher)
     print(json.dumps(out, indent=1))
     return 0
 
@@ -286,11 +304,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tail", type=int, default=20, help="metric rows to print (0: all)")
     s.set_defaults(func=_runs)
 
-    s = sub.add_parser("eval", help="kNN or linear-probe accuracy of a run's backbone",
-                       description="Evaluate a run's newest good checkpoint (or its random init) on frozen features: "
-                                   "knn = weighted kNN (k, T from the run's eval config); linear = logistic regression "
-                                   "with 100%%, 10%% and 1%% of the train labels. Defaults use whole splits.")
-    s.add_argument("kind", choices=["knn", "linear"])
+    s = sub.add_parser("eval", help="kNN, linear-probe or fine-tuning accuracy of a run's backbone",
+                       description="Evaluate a run's newest good checkpoint (or its random init): knn = weighted kNN "
+                                   "on frozen features (k, T from the run's eval config); linear = logistic regression "
+                                   "on frozen features with 100%%, 10%% and 1%% of the train labels; finetune = the "
+                                   "whole backbone and a linear head trained on --fraction of the labels (class-"
+                                   "balanced) for --epochs, beside the random init under the same schedule, the table "
+                                   "written to the run's eval/ folder. Defaults use whole splits.")
+    s.add_argument("kind", choices=["knn", "linear", "finetune"])
     s.add_argument("run")
     s.add_argument("--root", default=DEFAULT_RUNS)
     s.add_argument("--train-samples", type=int, default=0, help="0: the whole train split")
@@ -298,6 +319,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--checkpoint", help="a checkpoint name (default: the newest that loads)")
     s.add_argument("--random-init", action="store_true", help="the same backbone and seed, untrained (the baseline)")
     s.add_argument("--teacher", action="store_true", help="the EMA teacher's backbone (DINO)")
+    s.add_argument("--fraction", type=float, help="finetune: share of the train labels, each class alike (default 0.1)")
+    s.add_argument("--epochs", type=int, help="finetune: passes over those labels (default 10)")
+    s.add_argument("--batch-size", type=int, help="finetune: default 128")
+    s.add_argument("--lr", type=float, help="finetune: AdamW lr per 256 images (default 1e-3)")
+    s.add_argument("--layer-decay", type=float, help="finetune: layer-wise lr decay for ViTs (default 0.75; 1: none)")
     s.set_defaults(func=_eval)
 
     s = sub.add_parser("data", help="preview the views a config produces",

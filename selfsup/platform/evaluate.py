@@ -86,18 +86,22 @@ def knn_top1(train_f: torch.Tensor, train_y: torch.Tensor, test_f: torch.Tensor,
     return 100.0 * correct / len(test_f)
 
 
+def balanced_subset(labels: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
+    """Sorted indices of `fraction` of each class's samples (at least one), fixed by `seed`."""
+    g = torch.Generator().manual_seed(seed)
+    keep = []
+    for c in labels.unique():
+        idx = (labels == c).nonzero().squeeze(1)
+        keep.append(idx[torch.randperm(len(idx), generator=g)[:max(1, round(fraction * len(idx)))]])
+    return torch.cat(keep).sort().values
+
+
 def linear_probe(train_f: torch.Tensor, train_y: torch.Tensor, test_f: torch.Tensor, test_y: torch.Tensor,
                  fraction: float = 1.0, seed: int = 0, weight_decay: float = 1e-4, iters: int = 200) -> float:
     """Multinomial logistic regression on frozen, standardised features (full-batch L-BFGS), trained
     on `fraction` of the labels (a class-balanced subset), scored on the test set. Top-1 in %."""
     if fraction < 1.0:
-        g = torch.Generator().manual_seed(seed)
-        keep = []
-        for c in train_y.unique():
-            idx = (train_y == c).nonzero().squeeze(1)
-            n = max(1, round(fraction * len(idx)))
-            keep.append(idx[torch.randperm(len(idx), generator=g)[:n]])
-        keep = torch.cat(keep)
+        keep = balanced_subset(train_y, fraction, seed)
         train_f, train_y = train_f[keep], train_y[keep]
     mu, sd = train_f.mean(0), train_f.std(0).clamp_min(1e-6)
     xs, xt = (train_f - mu) / sd, (test_f - mu) / sd

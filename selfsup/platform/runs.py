@@ -9,6 +9,8 @@ stable for tools that read it:
     checkpoint-<step:08d>/state.pt    model (with teacher, centre, queues), optimizer, step, epoch, RNG
     checkpoint-<step:08d>/meta.json   step, epoch, elapsed training time
     checkpoint_manager_snapshot.json  Ray Train's own bookkeeping
+    eval/finetune-<fraction>-<epochs>ep.json  `selfsup eval finetune`: the run's and the random
+                                      init's fine-tuned accuracy under one schedule
 
 Ray Train 2.60 writes no metrics file, so a controller-side callback (`trainer.MetricsLog`) keeps
 metrics.jsonl and summary.json. S3 has no append: it rewrites the file, and on a restart it reloads
@@ -65,6 +67,10 @@ def check_name(name: str, what: str = "run") -> str:
     if what == "checkpoint" and not _CKPT.fullmatch(name):
         raise RunError(f"checkpoint name {name!r} is not valid: checkpoints are named {CKPT_PREFIX}<8-digit step>")
     return name
+
+
+def finetune_key(fraction: float, epochs: int) -> str:
+    return f"eval/finetune-{fraction:g}-{epochs}ep.json"
 
 
 def checkpoint_name(step: int) -> str:
