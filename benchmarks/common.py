@@ -64,3 +64,18 @@ def write_section(title: str, body: str) -> None:
     pattern = re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)
     text = pattern.sub(section + "\n", text) if pattern.search(text) else text.rstrip() + "\n\n" + section
     RESULTS.write_text(text)
+
+
+def run_child(cmd: list[str], name: str) -> dict | None:
+    """Run one measurement in its own process (its memory and threads its own); its last stdout
+    line is a JSON row, returned with the wall time; None, with the error printed, when it fails."""
+    import time
+
+    t0 = time.time()
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        print(f"{name}: FAILED\n{r.stderr[-3000:]}", flush=True)
+        return None
+    res = {**json.loads(r.stdout.strip().splitlines()[-1]), "wall_s": time.time() - t0}
+    print(json.dumps(res), flush=True)
+    return res

@@ -23,13 +23,12 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import commit, keep_rows, write_section  # noqa: E402
+from common import commit, keep_rows, run_child, write_section  # noqa: E402
 
 # Short-run views (chosen for SimCLR and DINO, benchmarks/RESULTS.md): two views are nearly whole
 # images, since Fashion-MNIST's items are centred and kNN sees whole images.
@@ -65,26 +64,20 @@ def fashion(split: str):
 
 
 def weights_hash(module) -> str:
-    import hashlib
+    from selfsup.platform.finetune import weights_sha256
 
-    h = hashlib.sha256()
-    for k, v in sorted(module.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().float().numpy().tobytes())
-    return h.hexdigest()[:16]
+    return weights_sha256(module)
 
 
-def run_one(method: str, budget: float, steps: int | None, batch: int, cache: str | None, extra: list[str],
-            evaluate: bool = True) -> dict:
-    """In a subprocess: train `method` for `budget` seconds (or `steps`), then evaluate. `cache`: a
-    JSON file of random-init kNN by initial-backbone hash, shared by the methods of one table.
-    Each epoch visits every train image once, in a seeded order."""
+def train_method(method: str, budget: float, steps: int | None, batch: int, extra: list[str]):
+    """Train `method` Ray-free for `budget` seconds (or `steps`) on the Fashion-MNIST train images,
+    each epoch every image once in a seeded order: (method, config, step, result row, images,
+    labels, hash of the initial backbone)."""
     import torch
 
     from selfsup.methods import METHODS
     from selfsup.pipelines.views import make_views
     from selfsup.platform.config import load_config
-    from selfsup.platform.evaluate import extract_features, knn_top1
     from selfsup.platform.step import Progress, TrainStep, build_method
 
     torch.manual_seed(0)
@@ -126,6 +119,19 @@ def run_one(method: str, budget: float, steps: int | None, batch: int, cache: st
     res = {"method": method, "steps": n, "images_per_s": n * batch / elapsed, "loss": out["loss"],
            "embed_std": out["embed_std"], "embed_rank": out["embed_rank"]}
     res["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # training's peak
+    return m, cfg, step, res, images, labels, init_hash
+
+
+def run_one(method: str, budget: float, steps: int | None, batch: int, cache: str | None, extra: list[str],
+            evaluate: bool = True) -> dict:
+    """In a subprocess: train `method` (train_method), then evaluate. `cache`: a JSON file of
+    random-init kNN by initial-backbone hash, shared by the methods of one table."""
+    import torch
+
+    from selfsup.platform.evaluate import extract_features, knn_top1
+    from selfsup.platform.step import build_method
+
+    m, cfg, step, res, images, labels, init_hash = train_method(method, budget, steps, batch, extra)
     if not evaluate:  # --quick: training only
         return res
     test, test_y = fashion("test")
@@ -204,28 +210,20 @@ def main():
     from selfsup.methods import METHODS
 
     names = args.only or list(METHODS)
-    rows, ok = [], 0
+    rows = []
     cache = tempfile.NamedTemporaryFile(suffix=".json", delete=False).name
     os.unlink(cache)
     for name in names:
         cmd = [sys.executable, __file__, "--child", name, "--budget", str(args.budget), "--batch", str(args.batch),
                "--cache", cache, "--set", *args.set] + (["--steps", str(args.steps)] if args.steps else [])
-        cmd += ["--quick"] if args.quick else []
-        t0 = time.time()
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        if r.returncode != 0:
-            print(f"{name}: FAILED\n{r.stderr[-3000:]}", flush=True)
-            continue
-        res = json.loads(r.stdout.strip().splitlines()[-1])
-        res["wall_s"] = time.time() - t0
-        rows.append(res)
-        ok += 1
-        print(json.dumps(res), flush=True)
+        res = run_child(cmd + (["--quick"] if args.quick else []), name)
+        if res:
+            rows.append(res)
     if os.path.exists(cache):
         os.unlink(cache)
     if not args.quick and rows:
         write_table(rows, args)
-    print(f"{ok}/{len(names)} methods ok")
+    print(f"{len(rows)}/{len(names)} methods ok")
 
 
 if __name__ == "__main__":

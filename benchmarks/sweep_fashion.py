@@ -43,6 +43,8 @@ def main():
     ap.add_argument("--home", default=os.path.expanduser("~/.cache/selfsup-bench-sweeps"),
                     help="the S3 server's home, kept between invocations so the sweep can continue")
     ap.add_argument("--repeats", type=int, default=3, help="runs of the sweep's pick and of knn_budget.py's settings")
+    ap.add_argument("--score-stopped", action="store_true",
+                    help="the full kNN of the trials ASHA stopped early too (about 3 minutes each on 2 cores)")
     ap.add_argument("--quick", action="store_true", help="2 trials of 10 s on 3,000 images, small kNN")
     args = ap.parse_args()
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -105,7 +107,9 @@ def main():
         state = tune_sweep(None, [*base, *sweep_set], space=space, searcher="random", samples=trials, name=name)
         sweep_s = time.time() - t0
         for t in state["trials"]:
-            if t["trial"] not in done:  # each trial's full kNN once, kept across invocations
+            # each trial's full kNN once, kept across invocations; a trial ASHA stopped early trained for a
+            # fraction of the budget and is compared by its periodic kNN unless --score-stopped
+            if t["trial"] not in done and (args.score_stopped or not t["stopped_early"]):
                 full = evaluate_run(join(state["uri"], t["trial"]), "knn", n_full, n_full, log=lambda *_: None)
                 done = keep_rows(ROWS, key, {t["trial"]: {**t, "knn_full": full["knn_top1"], "commit": commit()}})
                 print(t["trial"], t["params"], f"full kNN {full['knn_top1']:.2f}%", flush=True)
@@ -124,7 +128,10 @@ def main():
 
 def write_table(method: str, table: dict, state: dict, sweep_set: list[str], budget: float, trials: int, quick: bool,
                 repeats: int, footer: str) -> None:
-    ranked = sorted((r for r in table.values() if "params" in r), key=lambda r: -r["knn_full"])
+    by_id = {r["trial"]: r for r in state["trials"]}
+    scored = {k: {**by_id.get(k, {}), **r} for k, r in table.items() if "params" in r}
+    ranked = sorted(scored.values(), key=lambda r: -r["knn_full"])
+    ranked += sorted((r for k, r in by_id.items() if k not in scored), key=lambda r: -(r["final_knn_top1"] or 0))
     labels = list(ranked[0]["params"]) if ranked else []
     lines = ["| trial | " + " | ".join(labels) + " | status | steps | periodic kNN, last | full kNN (60k/10k) | code |",
              "|---|" + "---|" * len(labels) + "---|---|---|---|---|"]
@@ -132,13 +139,14 @@ def write_table(method: str, table: dict, state: dict, sweep_set: list[str], bud
         status = "stopped early (ASHA)" if r["stopped_early"] else r["status"]
         pick = " (the sweep's pick)" if r["trial"] == state.get("best") else ""
         lines.append(f"| {r['trial']}{pick} | " + " | ".join(f"{r['params'][k]:.3g}" for k in labels)
-                     + f" | {status} | {r['step']} | {r['final_knn_top1']:.2f}% | {r['knn_full']:.2f}% | {r['commit']} |")
+                     + f" | {status} | {r['step']} | {r['final_knn_top1'] or 0:.2f}% | "
+                     + (f"{r['knn_full']:.2f}% | {r['commit']} |" if "knn_full" in r else "not scored | |"))
 
     def spread(rows: list[dict]) -> str:
         accs = sorted(r["knn_full"] for r in rows)
         return f"median {median(accs):.2f}% ({accs[0]:.2f}-{accs[-1]:.2f}, {len(accs)} runs)"
 
-    pick = [r for r in ranked if r["trial"] == state.get("best")]
+    pick = [r for r in ranked if r["trial"] == state.get("best") and "knn_full" in r]
     picks = pick + [r for k, r in table.items() if k.startswith("best-")]
     bases = [r for k, r in table.items() if k.startswith("baseline-")]
     verdict = (f"The sweep's pick (`best.yaml`, best final periodic kNN) {state.get('best')} against knn_budget.py's "
@@ -157,7 +165,9 @@ reduction factor 2, one trial at a time on this machine's 2 cores), space
 `benchmarks/spaces/{method}_fashion.yaml`, each trial {budget:.0f} s of training with knn_budget.py's
 {name} settings (listed in its section) and `{' '.join(sweep_set)}` (the periodic kNN, on subsets, every quarter of the budget at the images/s
 knn_budget.py's settings trained at in their first run). Full kNN: k=20, T=0.07, cosine, memory all 60,000 train images, queries all
-10,000 test images, on each trial's last checkpoint (for a stopped trial, where ASHA stopped it).
+10,000 test images, on each finished trial's last checkpoint; a trial ASHA stopped early trained for a
+fraction of the budget, and is listed by its periodic kNN (`--score-stopped` adds its full kNN too,
+where ASHA stopped it).
 The pick and the baseline are each run {repeats} times (the pick's trial is one of its runs). Rows
 are kept in `benchmarks/sweep_fashion_rows.json`.
 
