@@ -122,12 +122,13 @@ def main():
                                              *((f"best-{i}", best.name, []) for i in range(2, args.repeats + 1))]:
                 if label not in done:
                     done = keep_rows(ROWS, key, {label: scored(label, config, overrides)})
-    write_table(method, done, state, sweep_set, budget, trials, args.quick, args.repeats,
-                f"Sweep {sweep_s:.0f} s in this invocation; the whole invocation {time.time() - t_all:.0f} s.")
+    write_table(method, done, state, sweep_set, budget, trials, args.quick,
+                f"The sweep ran from {state['started']} to {state['updated']} (UTC, across invocations); "
+                f"this invocation {time.time() - t_all:.0f} s, {sweep_s:.0f} s of it in `selfsup tune`.")
 
 
 def write_table(method: str, table: dict, state: dict, sweep_set: list[str], budget: float, trials: int, quick: bool,
-                repeats: int, footer: str) -> None:
+                footer: str) -> None:
     by_id = {r["trial"]: r for r in state["trials"]}
     scored = {k: {**by_id.get(k, {}), **r} for k, r in table.items() if "params" in r}
     ranked = sorted(scored.values(), key=lambda r: -r["knn_full"])
@@ -168,8 +169,8 @@ knn_budget.py's settings trained at in their first run). Full kNN: k=20, T=0.07,
 10,000 test images, on each finished trial's last checkpoint; a trial ASHA stopped early trained for a
 fraction of the budget, and is listed by its periodic kNN (`--score-stopped` adds its full kNN too,
 where ASHA stopped it).
-The pick and the baseline are each run {repeats} times (the pick's trial is one of its runs). Rows
-are kept in `benchmarks/sweep_fashion_rows.json`.
+The pick's runs are its trial and reruns of its `best.yaml`; the counts are in the comparison above.
+Rows are kept in `benchmarks/sweep_fashion_rows.json`.
 
 {footer}""")
 
