@@ -90,7 +90,8 @@ def finetune(backbone: nn.Module, dim: int, train_imgs: list[torch.Tensor], trai
     groups = param_groups(backbone, head, p.weight_decay, p.layer_decay)
     lr = p.lr * p.batch_size / 256
     opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999))
-    steps_per_epoch = math.ceil(len(train_imgs) / p.batch_size)
+    # Whole batches only (BatchNorm cannot train on a last batch of one); all the images when fewer
+    steps_per_epoch = max(1, len(train_imgs) // p.batch_size)
     total, warmup = p.epochs * steps_per_epoch, min(p.warmup_epochs, p.epochs / 4) * steps_per_epoch
     aug = Augment(size=size, scale=p.crop_scale, jitter_p=0.0, grayscale_p=0.0)
     g = torch.Generator().manual_seed(p.seed)
@@ -100,8 +101,8 @@ def finetune(backbone: nn.Module, dim: int, train_imgs: list[torch.Tensor], trai
     for epoch in range(p.epochs):
         order = torch.randperm(len(train_imgs), generator=g)
         losses = []
-        for i in range(0, len(order), p.batch_size):
-            idx = order[i:i + p.batch_size]
+        for b in range(steps_per_epoch):
+            idx = order[b * p.batch_size:(b + 1) * p.batch_size]
             x, sizes = stack_padded([train_imgs[j] for j in idx])
             x = to_model_input({"x": augment(x, sizes, aug, g)}, mean, std, in_chans)["x"]
             scale = step / warmup if step < warmup else 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
