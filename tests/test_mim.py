@@ -279,3 +279,33 @@ def test_ijepa_target_encoder_is_never_updated_by_gradients():
         # exactly the EMA of the context encoder after its update: nothing else moved it
         for b, t, o in zip(before, m.target_encoder.parameters(), m.encoder.parameters()):
             assert t.grad is None and torch.allclose(t, mom * b + (1 - mom) * o.detach(), atol=1e-6)
+
+
+def test_every_vit_method_attends_with_fused_scaled_dot_product_attention(monkeypatch):
+    """Every attention of every ViT method (encoders, MAE's decoder, I-JEPA's predictor, teachers)
+    runs as torch's fused SDPA (flash/memory-efficient kernels on a GPU); only cls_attention, when
+    maps are asked for, computes the softmax itself."""
+    from importlib import resources
+
+    import torch.nn.functional as F
+
+    from selfsup.pipelines.views import make_views, to_model_input
+    from selfsup.platform.config import load_config
+    from selfsup.platform.step import build_method
+
+    calls = []
+    real = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    imgs = [torch.randint(0, 255, (1, 28, 28), dtype=torch.uint8, generator=G) for _ in range(4)]
+    for path in sorted((resources.files("selfsup") / "configs").glob("*_vit_tiny.yaml")):
+        cfg = load_config(str(path), ["model.kwargs.depth=2", "data.batch_size=4"])
+        torch.manual_seed(0)
+        m = build_method(cfg, num_samples=64)
+        attention = [mod for mod in m.modules() if hasattr(mod, "fused_attn")]
+        assert attention and all(a.fused_attn for a in attention), path.name
+        if cfg.method.name == "beit":  # its targets need a fitted tokenizer; its encoder is SimMIM's
+            continue
+        calls.clear()
+        views = {**make_views(imgs, cfg.data.views, torch.Generator().manual_seed(0)), "index": torch.arange(4)}
+        m(to_model_input(views, cfg.data.mean, cfg.data.std, cfg.model.in_chans))
+        assert calls, f"{path.name}: no fused attention ran"

@@ -69,3 +69,61 @@ def test_train_step_runs_without_ray_and_learns(method):
     assert any(not torch.equal(a, b) for a, b in zip(before, m.backbone.parameters()))
     if method == "dino":  # the teacher moved towards the student
         assert any(not torch.equal(t, s) for t, s in zip(m.teacher_backbone.parameters(), m.backbone.parameters()))
+
+
+def _decoded(n=16, sizes=((20, 20), (24, 18))):
+    """A `decoded` batch as the pipeline streams it with data.augment_on=trainer (mixed sizes)."""
+    import numpy as np
+
+    from selfsup.pipelines.streaming import collate_decoded
+
+    g = torch.Generator().manual_seed(0)
+    col = np.empty(n, dtype=object)
+    col[:] = [torch.randint(0, 255, (1, *sizes[i % len(sizes)]), generator=g, dtype=torch.uint8).numpy() for i in range(n)]
+    return collate_decoded({"image": col, "index": np.arange(n), "label": np.arange(n) % 4})
+
+
+def test_with_augment_on_trainer_the_step_makes_the_views():
+    cfg = load_config(None, ["method.name=simclr", *TINY, "data.views.view0.size=24", "data.views.view1.size=24",
+                             "data.augment_on=trainer", "optim.warmup_fraction=0", "train.precision=fp32"])
+    m = build_method(cfg)
+    step = TrainStep(m, cfg, torch.device("cpu"))
+    batch = _decoded()
+    views = step.views(batch)
+    assert {k: tuple(v.shape) for k, v in views.items()} == {"view0": (16, 1, 24, 24), "view1": (16, 1, 24, 24),
+                                                            "index": (16,), "label": (16,)}
+    assert not torch.equal(views["view0"], step.views(batch)["view0"])  # fresh views every step
+    before = [p.detach().clone() for p in m.backbone.parameters()]
+    out = step(batch, 0.5)
+    assert math.isfinite(out["loss"]) and any(not torch.equal(a, b) for a, b in zip(before, m.backbone.parameters()))
+
+
+@pytest.mark.parametrize("method", ["simclr", "mae"])
+def test_train_compile_runs_the_compiled_forward_with_the_eager_result(method, monkeypatch):
+    from importlib import resources
+
+    compiled = []
+    real = torch.compile
+
+    def compile_(model, **kw):
+        # aot_eager: Dynamo's graph capture and AOT autograd as inductor gets them, without the C++
+        # code generation (minutes on 2 cores; benchmarks/gpu_step.py measures inductor itself)
+        compiled.append(model)
+        return real(model, backend="aot_eager")
+
+    monkeypatch.setattr(torch, "compile", compile_)
+    shipped = str(resources.files("selfsup") / "configs" / f"{method}_{'vit_tiny' if method == 'mae' else 'resnet18'}.yaml")
+    args = [*TINY[2:], "optim.warmup_fraction=0", "train.precision=fp32", "model.kwargs.depth=2"] if method == "mae" \
+        else [*TINY, "data.views.view0.size=24", "data.views.view1.size=24", "optim.warmup_fraction=0", "train.precision=fp32"]
+    batch = make_views([torch.randint(0, 255, (1, 28, 28), dtype=torch.uint8) for _ in range(16)],
+                       load_config(shipped, args).data.views, torch.Generator().manual_seed(0))
+    outs, weights = [], []
+    for on in (False, True):
+        cfg = load_config(shipped, [*args, f"train.compile={str(on).lower()}"])
+        torch.manual_seed(0)
+        m = build_method(cfg)
+        outs.append(TrainStep(m, cfg, torch.device("cpu"))(batch, 0.5))
+        weights.append([p.detach() for p in m.student_parameters()])
+    assert len(compiled) == 1 and isinstance(compiled[0], type(m))
+    assert math.isclose(outs[0]["loss"], outs[1]["loss"], rel_tol=1e-4)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(*weights))

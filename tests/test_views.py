@@ -3,7 +3,8 @@ import torch
 
 from selfsup.pipelines import augment as A
 from selfsup.pipelines.masks import blockwise_mask, multiblock_masks, random_masks
-from selfsup.pipelines.views import Augment, Masked, MultiCrop, Plain, TwoViews, make_views, to_model_input
+from selfsup.pipelines.streaming import collate_decoded
+from selfsup.pipelines.views import Augment, Masked, MultiCrop, Plain, TwoViews, make_views, to_model_input, views_of
 
 
 def _imgs(n=6, c=1, h=28, w=28, seed=0):
@@ -35,6 +36,26 @@ def test_views_of_mixed_size_images():
     plain = make_views(imgs, Plain(size=30), torch.Generator())["image"]
     # The centre square, not the zero padding: no black border.
     assert plain.float().mean() > 100
+
+
+@pytest.mark.parametrize("spec", [TwoViews(view0=Augment(blur_p=1, solarize_p=0.5)), MultiCrop(n_local=2),
+                                  Masked(patch_size=4), Masked(patch_size=8, strategy="multiblock"), Plain(size=24)])
+def test_the_trainer_makes_the_pipelines_views_from_a_decoded_batch(spec):
+    """data.augment_on=trainer: the stream carries decoded images (padded, with their sizes) and the
+    trainer makes the views; under one generator they are the pipeline's views, bit for bit."""
+    import numpy as np
+
+    imgs = _imgs(3, c=3, h=40, w=60) + _imgs(2, c=3, h=50, w=30, seed=1)
+    col = np.empty(len(imgs), dtype=object)  # a ragged column, as Ray Data hands mixed sizes over
+    col[:] = [im.numpy() for im in imgs]
+    batch = collate_decoded({"image": col, "index": np.arange(5), "label": np.arange(5) % 2})
+    assert batch["image"].shape == (5, 3, 50, 60) and batch["size"].tolist() == [[40, 60]] * 3 + [[50, 30]] * 2
+    assert batch["image"][3, :, :, 30:].eq(0).all()  # the padding, which no crop reaches
+    ours = views_of(batch["image"].float() / 255, batch["size"], spec, torch.Generator().manual_seed(3))
+    theirs = make_views(imgs, spec, torch.Generator().manual_seed(3))
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    same = collate_decoded({"image": np.stack([im.numpy() for im in imgs[:3]]), "index": np.arange(3)})
+    assert same["size"].tolist() == [[40, 60]] * 3 and torch.equal(same["image"], batch["image"][:3, :, :40])
 
 
 def test_determinism_under_a_seed():

@@ -117,7 +117,8 @@ def color_jitter(x: torch.Tensor, p: float, strength: float, g: torch.Generator)
         sat = s * torch.eye(3, device=dev, dtype=x.dtype) + (1 - s) * w.expand(B, 3, 3)
         shift = torch.where(on, _u(B, -0.2 * strength, 0.2 * strength, g, dev), torch.zeros(B, device=dev))
         m = _hue_rotation(2 * math.pi * shift).to(x.dtype) @ sat
-        x = torch.einsum("bij,bjhw->bihw", m, x).clamp_(0, 1)
+        # bmm over (B, 3, H*W): einsum's route for these shapes copies x first (2x slower on a CPU)
+        x = torch.bmm(m, x.reshape(B, 3, -1)).view_as(x).clamp_(0, 1)
     return x
 
 

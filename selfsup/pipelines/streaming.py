@@ -166,6 +166,36 @@ def _to_column(images: list[torch.Tensor]):
     return col
 
 
+def collate_decoded(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """A batch of decoded samples (one image size, or several) as the `decoded` batch of views.py:
+    uint8 images zero-padded to the batch's largest, and each one's (H, W)."""
+    images = batch["image"]
+    out = {k: torch.from_numpy(np.asarray(batch[k])) for k in ("index", "label") if k in batch}
+    if images.dtype != object:  # one size: already a (B, C, H, W) array
+        x = torch.from_numpy(np.ascontiguousarray(images))
+        out.update(image=x, size=torch.tensor([x.shape[-2:]]).expand(len(x), 2).contiguous())
+        return out
+    sizes = torch.tensor([im.shape[-2:] for im in images])
+    H, W = sizes.max(0).values.tolist()
+    x = torch.zeros(len(images), images[0].shape[0], H, W, dtype=torch.uint8)
+    for i, im in enumerate(images):
+        x[i, :, : im.shape[1], : im.shape[2]] = torch.from_numpy(im)
+    out.update(image=x, size=sizes)
+    return out
+
+
+def decoded_collate():
+    """collate_decoded as Ray Data's collate class for iter_torch_batches (which then pins and moves
+    the tensors to the trainer's device as with its own collation)."""
+    from ray.data.collate_fn import NumpyBatchCollateFn
+
+    class DecodedCollate(NumpyBatchCollateFn):
+        def __call__(self, batch):
+            return collate_decoded(batch)
+
+    return DecodedCollate()
+
+
 def _report_bad(health: str | None, path: str, error: str) -> None:
     log.warning("skipping shard %s", error)
     if health:

@@ -12,6 +12,9 @@ Batch keys (every view a uint8 tensor (B, C, S, S), C the data's channels: 1 for
                 with strategy multiblock: context (B, N) bool, True = visible to the context
                 encoder, targets (B, K, N) bool, True = in target block k
     plain       image: the centre square of each image resized to S, no augmentation (evaluation)
+    decoded     image uint8 (B, C, H, W), each image zero-padded to the batch's largest, and size
+                (B, 2) its (H, W): what the pipeline streams with data.augment_on=trainer, where
+                the trainer makes the views (`views_of`) on its own device
     always      label (B,) int64: for evaluation only; SSL methods never read it
                 index (B,) int64: the sample's position in its split
 N = (S / patch_size)^2 patches in row-major order.
@@ -129,10 +132,18 @@ def make_views(images: list[torch.Tensor], spec: TwoViews | MultiCrop | Masked |
                g: torch.Generator) -> dict[str, torch.Tensor]:
     """Every view the spec asks for, for a batch of uint8 (C, H, W) images. Deterministic given `g`."""
     x, sizes = stack_padded(images)
+    return views_of(x, sizes, spec, g)
+
+
+def views_of(x: torch.Tensor, sizes: torch.Tensor, spec: TwoViews | MultiCrop | Masked | Plain,
+             g: torch.Generator) -> dict[str, torch.Tensor]:
+    """make_views on a padded batch: float x (B, C, H, W) in [0, 1], image i in its top-left
+    sizes[i] = (h, w) corner. Runs where x and `g` are (the trainer's GPU with data.augment_on=trainer);
+    masks are drawn on the CPU, from `g` itself or from a CPU generator it seeds."""
     if isinstance(spec, Plain):
         side = sizes.min(1).values
         boxes = torch.stack([(sizes[:, 1] - side) // 2, (sizes[:, 0] - side) // 2, side, side], 1).float()
-        v = A.resized_crop(x, boxes, spec.size, torch.zeros(len(images), dtype=torch.bool))
+        v = A.resized_crop(x, boxes.to(x), spec.size, torch.zeros(len(x), dtype=torch.bool, device=x.device))
         return {"image": v.clamp_(0, 1).mul_(255).round_().to(torch.uint8)}
     if isinstance(spec, TwoViews):
         return {"view0": augment(x, sizes, spec.view0, g), "view1": augment(x, sizes, spec.view1, g)}
@@ -142,7 +153,9 @@ def make_views(images: list[torch.Tensor], spec: TwoViews | MultiCrop | Masked |
         return out
     out = {"image": augment(x, sizes, spec.view, g)}
     side = spec.view.size // spec.patch_size
-    B = len(images)
+    B = len(x)
+    if g.device.type != "cpu":
+        g = torch.Generator().manual_seed(int(torch.randint(2**62, (), generator=g, device=g.device)))
     if spec.strategy == "random":
         out["mask"] = random_masks(B, side, side, spec.ratio, g)
     elif spec.strategy == "blockwise":

@@ -37,6 +37,10 @@ class DataConfig(Strict):
     seed: int = 0
     strict: bool = False  # a corrupt shard fails the run instead of being skipped
     prefetch_batches: int = Field(2, ge=0)
+    # Where the views are made: "pipeline": Ray Data's CPU tasks decode and augment, the trainer
+    # gets finished views; "trainer": the tasks only decode, and each train worker augments on
+    # its own device (on a GPU, the CPUs are then free for decoding; see benchmarks/gpu_step.py)
+    augment_on: Literal["pipeline", "trainer"] = "pipeline"
 
     @model_validator(mode="after")
     def _normalisation(self):
@@ -112,6 +116,9 @@ class ScalingConfig(Strict):
 class TrainConfig(Strict):
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 where the device does it natively
     channels_last: bool | Literal["auto"] = "auto"  # auto: for conv nets under bf16
+    # torch.compile of the model's forward and loss; off by default: on 2 CPU cores its compile
+    # time outweighs what it saves (benchmarks/gpu_step.py measures both ways)
+    compile: bool = False
     log_every_steps: int = Field(10, ge=1)
     checkpoint_every_epochs: float = Field(1.0, gt=0)  # also by steps and seconds: whichever comes first
     checkpoint_every_steps: int | None = Field(None, ge=1)

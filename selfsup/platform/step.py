@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 
 import torch
@@ -16,7 +17,7 @@ from torch import nn
 
 from selfsup.methods import METHODS, Method
 from selfsup.methods.backbones import build_backbone
-from selfsup.pipelines.views import to_model_input
+from selfsup.pipelines.views import to_model_input, views_of
 from selfsup.platform.config import Config
 
 
@@ -147,15 +148,36 @@ class TrainStep:
                  accum: int = 1):
         self.method = method
         self.global_batch, self.accum = global_batch, accum
-        self.model: nn.Module = method  # the train loop puts a DDP wrapper here when distributed
         self.cfg = cfg
         self.device = device
+        self.model = method  # the train loop puts a DDP wrapper here when distributed
+        # Views made here from `decoded` batches (data.augment_on=trainer): fresh ones every run, as
+        # the pipeline's; the generator lives on the device so no random numbers cross to it.
+        self.view_gen = torch.Generator(device=device).manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
         self.optimizer = build_optimizer(method, cfg)
         self.dtype = autocast_dtype(cfg, device)
         cl = cfg.train.channels_last
         self.channels_last = (self.dtype is not None and "vit" not in cfg.model.name) if cl == "auto" else cl
         if self.channels_last:
             method.to(memory_format=torch.channels_last)
+
+    @property
+    def model(self) -> nn.Module:
+        return self._model
+
+    @model.setter
+    def model(self, model: nn.Module) -> None:
+        # Compiled around the DDP wrapper when there is one, so DDP's hooks see the compiled graph
+        self._model = model
+        self._forward = torch.compile(model) if self.cfg.train.compile else model
+
+    def views(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The views of a `decoded` batch, made on this step's device (an augmented batch as it is)."""
+        if "size" not in batch:
+            return batch
+        x = batch["image"].to(self.device, non_blocking=True).float().div_(255)
+        out = views_of(x, batch["size"].to(self.device, non_blocking=True), self.cfg.data.views, self.view_gen)
+        return {**out, **{k: batch[k] for k in ("index", "label") if k in batch}}
 
     def set_schedules(self, progress: float) -> float:
         lr, wd = lr_at(self.cfg, progress, self.global_batch), wd_at(self.cfg, progress)
@@ -170,7 +192,7 @@ class TrainStep:
         t0 = time.perf_counter()
         lr = self.set_schedules(progress)
         d = self.cfg.data
-        x = to_model_input(batch, d.mean, d.std, self.cfg.model.in_chans, self.device)
+        x = to_model_input(self.views(batch), d.mean, d.std, self.cfg.model.in_chans, self.device)
         if self.channels_last:
             x = {k: v.contiguous(memory_format=torch.channels_last) if v.dim() == 4 else v for k, v in x.items()}
         self.model.train()
@@ -187,7 +209,7 @@ class TrainStep:
             ctx = torch.autocast(self.device.type, dtype=self.dtype) if self.dtype else contextlib.nullcontext()
             with sync:
                 with ctx:
-                    out = self.model(part)
+                    out = self._forward(part)
                 # even when non-finite: DDP's gradient all-reduce must run on every worker
                 (out["loss"] / m).backward()
             for k, v in out.items():

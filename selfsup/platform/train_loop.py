@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from selfsup.pipelines.storage import Endpoint
+from selfsup.pipelines.streaming import decoded_collate
 from selfsup.platform.config import Config, validate
 from selfsup.platform.checkpoints import read_checkpoint, save_checkpoint, wait_complete
 from selfsup.platform.runs import checkpoint_name
@@ -174,7 +175,8 @@ class EpochStreams:
 
         c = self.cfg
         ds = read_split(c.data.uri, c.data.train_split, self.ep, seed=c.data.seed, strict=c.data.strict,
-                        health=self.health, spec=c.data.views, batch_size=self.local_bs, epoch=epoch, seen=seen)
+                        health=self.health, spec=c.data.views if c.data.augment_on == "pipeline" else None,
+                        batch_size=self.local_bs, epoch=epoch, seen=seen)
         return None if ds is None else ds.streaming_split(self.world, equal=True)
 
     def get(self, position: DataPosition):
@@ -331,7 +333,9 @@ def train_func(config: dict) -> None:
         method.start_epoch(position.epoch)
         pass_start, done = step, False
         batches = [] if stream is None else stream.iter_torch_batches(
-            batch_size=local_bs, drop_last=True, prefetch_batches=cfg.data.prefetch_batches)
+            batch_size=local_bs, drop_last=True, prefetch_batches=cfg.data.prefetch_batches,
+            collate_fn=decoded_collate() if cfg.data.augment_on == "trainer" else None,
+            pin_memory=device.type == "cuda")
         for batch in batches:
             t0 = time.perf_counter()
             poison = nan_from is not None and step + 1 >= nan_from and rollbacks < nan_rollbacks
