@@ -23,7 +23,9 @@ def _cfg(data, name, *extra):
         f"data.uri={data}", "data.batch_size=8", "data.views.view0.size=16", "data.views.view1.size=16",
         "model.name=resnet10t", "model.cifar_stem=false", "method.proj_hidden_dim=64", "method.proj_dim=32",
         "eval.train_samples=0", "eval.test_samples=0", "eval.k=5", f"storage.root={ROOT}", f"storage.name={name}",
-        "train.log_every_steps=1", *extra])
+        # fp32: on CPUs with native bf16, this torch's bf16 backward through resnet10t's 1x1 maps of
+        # 16 px views now and then gives non-finite gradients, and the step skips that update
+        "train.log_every_steps=1", "train.precision=fp32", *extra])
 
 
 @pytest.fixture(scope="module")
