@@ -68,8 +68,10 @@ def spec_augs(spec) -> list[Augment]:
 
 def baseline_views_per_s(encoded, spec, mean, std, batch, seconds) -> float:
     ds = Baseline(encoded, [pil_transform(a, mean, std) for a in spec_augs(spec)])
+    # spawn: a worker forked from this process (which runs Ray's threads) once hung for good on a
+    # lock in PIL that a thread held at the fork
     loader = torch.utils.data.DataLoader(ds, batch_size=batch, num_workers=2, shuffle=True, drop_last=True,
-                                         persistent_workers=True)
+                                         persistent_workers=True, multiprocessing_context="spawn")
     n_views, n, t0 = len(spec_augs(spec)), 0, None
     while True:
         for i, _ in enumerate(loader):

@@ -225,7 +225,7 @@ def main():
         write_section(f"Training step on {'the GPU' if device.type == 'cuda' else 'the CPU'} (issue 20)",
                       f"{body}\n\nDevice: {where}; torch {torch.__version__}. images/s: the median of "
                       f"{args.repeats} windows of {steps} steps after two warm-up steps; 'first step' includes "
-                      "torch.compile's compile. JPEG inputs: the step makes the views on the device from a "
+                      "torch.compile's compile (a model's second compiled row reuses inductor's cache). JPEG inputs: the step makes the views on the device from a "
                       "decoded batch (data.augment_on=trainer).")
     dino = [r for r in rows if r["setting"].startswith("DINO")]
     if dino:

@@ -116,8 +116,8 @@ class ScalingConfig(Strict):
 class TrainConfig(Strict):
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 where the device does it natively
     channels_last: bool | Literal["auto"] = "auto"  # auto: for conv nets under bf16
-    # torch.compile of the model's forward and loss; off by default: on 2 CPU cores its compile
-    # time outweighs what it saves (benchmarks/gpu_step.py measures both ways)
+    # torch.compile of the model's forward and loss; off by default: on 2 CPU cores it gained 1-8%
+    # images/s for 40-100 s of compiling (benchmarks/gpu_step.py measures both ways)
     compile: bool = False
     log_every_steps: int = Field(10, ge=1)
     checkpoint_every_epochs: float = Field(1.0, gt=0)  # also by steps and seconds: whichever comes first

@@ -8,6 +8,7 @@ time budget) done, so a short or budgeted run still warms up, anneals and unfree
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import time
@@ -169,7 +170,11 @@ class TrainStep:
     def model(self, model: nn.Module) -> None:
         # Compiled around the DDP wrapper when there is one, so DDP's hooks see the compiled graph
         self._model = model
-        self._forward = torch.compile(model) if self.cfg.train.compile else model
+        self._forward = model
+        if self.cfg.train.compile:
+            if "TORCH_LOGS" not in os.environ:  # graph-break notes (MAE's data-dependent mask size) are not the user's news
+                torch._logging.set_logs(dynamo=logging.ERROR)
+            self._forward = torch.compile(model)
 
     def views(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The views of a `decoded` batch, made on this step's device (an augmented batch as it is)."""
