@@ -36,7 +36,7 @@ VIEWS = {"two_views": ["data.views.view0.size=20", "data.views.view1.size=20", "
                        "data.views.view1.scale=[0.9, 1.0]", "data.views.view0.jitter_strength=1.0",
                        "data.views.view1.jitter_strength=1.0"],
          "multi_crop": ["data.views.global_view.size=20", "data.views.local_view.size=10", "data.views.n_local=2"],
-         "masked": ["data.views.view.size=28", "model.kwargs={img_size: 28, patch_size: 4}"]}
+         "masked": ["data.views.view.size=28", "model.kwargs.img_size=28"]}
 HALF_WIDTH = "model.kwargs={channels: [32, 64, 128, 256]}"
 
 

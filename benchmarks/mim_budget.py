@@ -71,7 +71,9 @@ def child(args) -> dict:
         train, test = (images[:2000], labels[:2000]), (test[0][:500], test[1][:500])
     res.update(protocols(m.backbone, m.feat_dim, cfg, train, test, ft, args.quick))
     known = json.load(open(args.cache)) if os.path.exists(args.cache) else {}
-    init_key = f"{init_hash}@{cfg.eval.image_size or cfg.view_size()}px ft={ft.fraction}x{ft.epochs}" + (" quick" if args.quick else "")
+    pooling = cfg.model.kwargs.get("global_pool", "token")  # the same weights pooled otherwise are another baseline
+    init_key = (f"{init_hash}@{cfg.eval.image_size or cfg.view_size()}px pool={pooling} ft={ft.fraction}x{ft.epochs}"
+                + (" quick" if args.quick else ""))
     if init_key not in known:
         torch.manual_seed(0)
         rand = build_method(cfg, num_samples=len(images))
@@ -97,7 +99,7 @@ def write_table(rows: list[dict], args) -> None:
     write_section(title, "\n".join(lines) + extra + f"""
 
 {args.budget:.0f} s of training per method (methods.py's Ray-free TrainStep, this machine's 2 cores), the shipped
-`<method>_vit_tiny` config at 28 px (ViT-tiny, patch 4), batch 256. Each cell: the trained ViT, then in
+`<method>_vit_tiny` config at 28 px (ViT-tiny, patch 4; features: the mean of the patch tokens), batch 256. Each cell: the trained ViT, then in
 brackets the same seed-0 ViT at random init under the same protocol and the gain. kNN: k=20, T=0.07,
 cosine on all 60,000 / 10,000 images; linear probe: L-BFGS logistic regression on standardised frozen
 features, all 60,000 labels; fine-tuning: {args.ft_fraction:.0%} of the train labels (class-balanced,
