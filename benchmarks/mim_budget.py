@@ -105,7 +105,8 @@ cosine on all 60,000 / 10,000 images; linear probe: L-BFGS logistic regression o
 features, all 60,000 labels; fine-tuning: {args.ft_fraction:.0%} of the train labels (class-balanced,
 seed 0), {args.ft_epochs} epochs, AdamW lr 1e-3 per 256, layer decay 0.75, warm-up 1 epoch, crops of
 50-100% and flips, scored on all 10,000 test images (platform/finetune.py). Rows are kept in
-`benchmarks/mim_budget_rows.json`.""")
+`benchmarks/mim_budget_rows.json`: a run with `--only` refreshes its methods' rows and keeps the others;
+"code" is the commit each row was measured with.""")
 
 
 def main():
