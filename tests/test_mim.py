@@ -309,3 +309,21 @@ def test_every_vit_method_attends_with_fused_scaled_dot_product_attention(monkey
         views = {**make_views(imgs, cfg.data.views, torch.Generator().manual_seed(0)), "index": torch.arange(4)}
         m(to_model_input(views, cfg.data.mean, cfg.data.std, cfg.model.in_chans))
         assert calls, f"{path.name}: no fused attention ran"
+
+
+@pytest.mark.parametrize("size", ["vit_tiny", "vit_small"])
+def test_shipped_masked_configs_judge_the_mean_of_the_patch_tokens(size):
+    # their losses train the patch tokens, never the class token: kNN, probes and fine-tuning read the mean
+    from selfsup.platform.config import load_config
+    from selfsup.platform.step import build_method
+
+    for method in ["mae", "simmim", "beit", "maskfeat", "ijepa"]:
+        cfg = load_config(f"{method}_{size}", ["model.kwargs.depth=1", "model.kwargs.img_size=32",
+                                                "data.views.view.size=32"])
+        torch.manual_seed(0)
+        m = build_method(cfg, num_samples=64).eval()
+        x = torch.randn(2, cfg.model.in_chans, 32, 32)
+        tokens = MaskedViT(m.backbone).all_tokens(x)
+        with torch.no_grad():
+            assert torch.allclose(m.backbone(x), tokens[:, m.backbone.num_prefix_tokens:].mean(1), atol=1e-5), method
+            assert not torch.allclose(m.backbone(x), tokens[:, 0], atol=1e-3), method
