@@ -10,7 +10,7 @@ from selfsup.methods.beit import BEiT, BEiTParams, fit_codebook, normalised_patc
 from selfsup.methods.ijepa import block_indices
 from selfsup.methods.mae import MAE, MAEParams, masked_patch_loss, visible_indices
 from selfsup.methods.maskfeat import hog
-from selfsup.methods.simmim import SimMIM
+from selfsup.methods.simmim import SimMIM, masked_l1_loss
 from selfsup.methods.vit import MaskedViT, as_vit, attention_masks, cls_attention, patchify, unpatchify
 
 G = torch.Generator().manual_seed(0)
@@ -119,6 +119,31 @@ def test_masked_patch_loss_reference():
     t = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
     ref = sum(float(((pred[b, n] - t[b, n]) ** 2).mean()) for b in range(2) for n in range(4) if mask[b, n]) / 3
     assert abs(float(masked_patch_loss(pred, target, mask, norm_pix=True)) - ref) < 1e-5
+
+
+def test_simmim_l1_loss_reference_and_normalised_reconstruction():
+    pred, target = torch.randn(2, 4, 6, generator=G), torch.randn(2, 4, 6, generator=G)
+    mask = torch.tensor([[1, 0, 1, 0], [0, 0, 0, 1]], dtype=torch.bool)
+    ref = sum(float((pred[b, n] - target[b, n]).abs().mean()) for b in range(2) for n in range(4) if mask[b, n]) / 3
+    assert abs(float(masked_l1_loss(pred, target, mask, norm_target=False)) - ref) < 1e-6
+    t = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
+    ref = sum(float((pred[b, n] - t[b, n]).abs().mean()) for b in range(2) for n in range(4) if mask[b, n]) / 3
+    assert abs(float(masked_l1_loss(pred, target, mask, norm_target=True)) - ref) < 1e-5
+    # A head that predicts each masked patch's normalised pixels reconstructs the image exactly.
+    v, d = vit()
+    m = SimMIM(v, d, SimMIM.Params(norm_target=True))
+    img = torch.randn(2, 3, 16, 16, generator=G)
+    patches = patchify(img, 4)
+    mean, std = patches.mean(-1, keepdim=True), (patches.var(-1, keepdim=True) + 1e-6).sqrt()
+
+    class Oracle(torch.nn.Module):
+        def forward(self, tokens):
+            return (patches - mean) / std
+
+    m.head = Oracle()
+    mask16 = torch.zeros(2, 16, dtype=torch.bool)
+    mask16[:, ::2] = True
+    assert torch.allclose(m.reconstruct({"image": img, "mask": mask16})["reconstruction"], img, atol=1e-5)
 
 
 def test_mae_reconstruct_shapes_and_visible_patches():

@@ -10,7 +10,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from selfsup.methods.base import Method, Params, collapse_probe, in_fp32
-from selfsup.methods.vit import MaskedViT, masked_mean, patchify, unpatchify
+from selfsup.methods.vit import MaskedViT, masked_mean, patch_stats, patchify, unpatchify
 
 
 def visible_indices(mask: torch.Tensor) -> torch.Tensor:
@@ -25,8 +25,8 @@ def visible_indices(mask: torch.Tensor) -> torch.Tensor:
 def masked_patch_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, norm_pix: bool) -> torch.Tensor:
     """Mean squared error over the masked patches only; targets normalised per patch when norm_pix."""
     if norm_pix:
-        mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
-        target = (target - mean) / (var + 1e-6).sqrt()
+        mean, std = patch_stats(target)
+        target = (target - mean) / std
     return masked_mean((pred - target).pow(2).mean(-1), mask)
 
 
@@ -83,7 +83,8 @@ class MAE(Method):
         pred, _ = self._predict(img, mask)
         target = patchify(img, self.patch)
         if self.params.norm_pix_loss:
-            pred = pred * (target.var(-1, keepdim=True) + 1e-6).sqrt() + target.mean(-1, keepdim=True)
+            mean, std = patch_stats(target)
+            pred = pred * std + mean
         m = mask.unsqueeze(-1).to(pred.dtype)
         return {"original": img, "masked": unpatchify(target * (1 - m), self.patch, self.chans),
                 "reconstruction": unpatchify(target * (1 - m) + pred * m, self.patch, self.chans)}

@@ -30,6 +30,11 @@ def unpatchify(x: torch.Tensor, p: int, C: int) -> torch.Tensor:
     return x.reshape(B, C, h * p, w * p)
 
 
+def patch_stats(patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each patch's pixel mean and std (B, N, 1): the per-patch target normalisation of MAE."""
+    return patches.mean(-1, keepdim=True), (patches.var(-1, keepdim=True) + 1e-6).sqrt()
+
+
 def masked_mean(per_patch: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of a per-patch loss (B, N) over the masked patches only."""
     m = mask.float()
