@@ -71,11 +71,9 @@ def config(name: str, device: torch.device):
     return load_config(str(path), ["schedule.steps=1000", "optim.warmup_fraction=0", *extra])
 
 
-def jpeg_images(n: int, seed: int = 0) -> list[torch.Tensor]:
-    """Generated RGB photo-like JPEGs of 256-320 px sides, decoded by the pipeline's decoder."""
+def jpeg_images(n: int, seed: int = 0) -> list[bytes]:
+    """Generated RGB photo-like JPEGs of 256-320 px sides, encoded (`decoded_batch` decodes them)."""
     from PIL import Image
-
-    from selfsup.pipelines.streaming import decode_image
 
     rng = np.random.default_rng(seed)
     out = []

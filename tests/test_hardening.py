@@ -17,7 +17,8 @@ import pytest
 
 from selfsup.pipelines.shards import MANIFEST, ManifestError, ShardOptions, load_manifest, verify, write_shards
 from selfsup.pipelines.sources import open_source
-from selfsup.pipelines.storage import StorageError, open_store
+from selfsup.pipelines.endpoints import StorageError
+from selfsup.pipelines.storage import open_store
 from selfsup.platform.cli import main
 from selfsup.platform.config import ConfigError, load_config
 from selfsup.platform.runs import (HEARTBEAT, SUMMARY, RunError, check_name, list_runs, read_summary, resolve_run)

@@ -7,7 +7,8 @@ import time
 import pytest
 import torch
 
-from selfsup.pipelines.storage import Endpoint, StorageError, open_store, pyarrow_fs, retrying
+from selfsup.pipelines.endpoints import Endpoint, StorageError, pyarrow_fs, retrying
+from selfsup.pipelines.storage import open_store
 from selfsup.pipelines.streaming import epoch_order
 from selfsup.pipelines.views import make_views
 from selfsup.platform.checkpoints import MANIFEST, save_checkpoint, write_manifest

@@ -10,7 +10,8 @@ from PIL import Image
 from selfsup.pipelines import sources
 from selfsup.pipelines.shards import MANIFEST, PROGRESS, ShardOptions, load_manifest, verify, write_shards
 from selfsup.pipelines.sources import SourceError, open_source
-from selfsup.pipelines.storage import StorageError, open_store
+from selfsup.pipelines.endpoints import StorageError
+from selfsup.pipelines.storage import open_store
 
 
 def _shard(src, dest, spp=8, workers=2, log=lambda *_: None, **kw):

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from selfsup.pipelines.seaweed import EmbeddedS3
-from selfsup.pipelines.storage import StorageError, open_store
+from selfsup.pipelines.endpoints import StorageError
+from selfsup.pipelines.storage import open_store
 
 
 def test_embedded_server_lifecycle_keeps_data(tmp_path):

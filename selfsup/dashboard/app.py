@@ -14,7 +14,7 @@ import streamlit as st
 
 from selfsup.dashboard import TOKEN_ENV
 from selfsup.dashboard.data import root
-from selfsup.pipelines.storage import StorageError
+from selfsup.pipelines.endpoints import StorageError
 
 PAGES = [("runs", "Runs", ":material/monitoring:"), ("sweeps", "Sweeps", ":material/tune:"),
          ("attention", "Attention", ":material/visibility:"), ("embeddings", "Embeddings", ":material/scatter_plot:"),

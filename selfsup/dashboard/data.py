@@ -10,7 +10,8 @@ import os
 import streamlit as st
 
 from selfsup.dashboard import ROOT_ENV
-from selfsup.pipelines.storage import Endpoint, is_s3, join, open_store, resolve_endpoint
+from selfsup.pipelines.endpoints import Endpoint, resolve_endpoint
+from selfsup.pipelines.storage import is_s3, join, open_store
 from selfsup.platform.runs import CONFIG, checkpoint_names, list_runs, list_sweeps, read_metrics, read_summary, \
     resolve_run, show_sweep
 

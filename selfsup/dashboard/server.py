@@ -85,7 +85,8 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 def serve(root: str, port: int, address: str = "127.0.0.1", log=print) -> int:
-    from selfsup.pipelines.storage import is_s3, resolve_endpoint
+    from selfsup.pipelines.endpoints import resolve_endpoint
+    from selfsup.pipelines.storage import is_s3
 
     if is_s3(root):  # the endpoint now, as every command does (the embedded server starts if it is the one)
         resolve_endpoint()

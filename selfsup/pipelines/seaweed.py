@@ -31,7 +31,7 @@ import sys
 import time
 from pathlib import Path
 
-from selfsup.pipelines.storage import Endpoint, StorageError, environ
+from selfsup.pipelines.endpoints import Endpoint, StorageError, environ
 
 PORT_FLAGS = (
     "s3.port", "s3.port.grpc", "master.port", "master.port.grpc", "volume.port", "volume.port.grpc",
@@ -338,7 +338,7 @@ class EmbeddedS3:
         return proc
 
     def _wait_ready(self, ep: Endpoint, proc: subprocess.Popen, timeout: float) -> None:
-        from selfsup.pipelines.storage import s3_client
+        from selfsup.pipelines.endpoints import s3_client
 
         client = s3_client(ep)
         deadline = time.monotonic() + timeout

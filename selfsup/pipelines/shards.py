@@ -24,7 +24,8 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 from selfsup.pipelines.sources import Source, SourceError, UnreadableImage
-from selfsup.pipelines.storage import Endpoint, Store, StorageError, check_key, open_store
+from selfsup.pipelines.endpoints import Endpoint, StorageError
+from selfsup.pipelines.storage import Store, check_key, open_store
 
 FORMAT = "selfsup-webdataset"
 VERSION = 1

@@ -28,7 +28,8 @@ import numpy as np
 import torch
 
 from selfsup.pipelines.shards import load_manifest
-from selfsup.pipelines.storage import Endpoint, fs_and_path, is_s3
+from selfsup.pipelines.endpoints import Endpoint
+from selfsup.pipelines.storage import fs_and_path, is_s3
 from selfsup.pipelines.views import make_views
 
 log = logging.getLogger("selfsup.data")

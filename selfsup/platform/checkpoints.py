@@ -25,7 +25,8 @@ import time
 
 import torch
 
-from selfsup.pipelines.storage import Endpoint, Store, open_store
+from selfsup.pipelines.endpoints import Endpoint
+from selfsup.pipelines.storage import Store, open_store
 from selfsup.platform.runs import RunError, check_name, checkpoint_names
 
 log = logging.getLogger("selfsup.train")

@@ -189,7 +189,8 @@ def _data_preview(args) -> int:
 
 
 def _tokenizer_fit(args) -> int:
-    from selfsup.pipelines.storage import is_s3, resolve_endpoint
+    from selfsup.pipelines.endpoints import resolve_endpoint
+    from selfsup.pipelines.storage import is_s3
     from selfsup.platform.config import load_config
     from selfsup.platform.tokenizer import fit_tokenizer
 
@@ -380,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides += extra
 
     from selfsup.pipelines.sources import SourceError
-    from selfsup.pipelines.storage import StorageError
+    from selfsup.pipelines.endpoints import StorageError
     from selfsup.platform.config import ConfigError
     from selfsup.platform.runs import one_line_cause
     debug = args.debug or os.environ.get("SELFSUP_DEBUG", "") not in ("", "0")

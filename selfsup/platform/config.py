@@ -13,7 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, ValidationError, field_validator, model_validator
 
 from selfsup.methods import METHODS
-from selfsup.pipelines.storage import StorageError
+from selfsup.pipelines.endpoints import StorageError
 from selfsup.pipelines.views import VIEW_KINDS, ViewSpec
 from selfsup.platform.runs import check_name
 

@@ -6,7 +6,8 @@ import time
 
 from selfsup.pipelines.shards import MANIFEST, ShardOptions, load_manifest, summary, write_shards
 from selfsup.pipelines.sources import fashion_mnist
-from selfsup.pipelines.storage import endpoint_from_env, join, open_store, resolve_endpoint
+from selfsup.pipelines.endpoints import endpoint_from_env, resolve_endpoint
+from selfsup.pipelines.storage import join, open_store
 from selfsup.platform.config import load_config
 
 

@@ -10,7 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 import torch.nn.functional as F
 
-from selfsup.pipelines.storage import Endpoint, open_store
+from selfsup.pipelines.endpoints import Endpoint
+from selfsup.pipelines.storage import open_store
 from selfsup.pipelines.streaming import CorruptShard, shard_samples
 from selfsup.pipelines.views import Plain, make_views, to_model_input
 from selfsup.pipelines.shards import load_manifest

@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from selfsup.pipelines.storage import Endpoint, open_store
+from selfsup.pipelines.endpoints import Endpoint
+from selfsup.pipelines.storage import open_store
 from selfsup.pipelines.views import Augment, Plain, augment, make_views, stack_padded, to_model_input
 from selfsup.platform.evaluate import balanced_subset, load_labeled, load_run
 from selfsup.platform.runs import RunError, finetune_key

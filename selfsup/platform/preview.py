@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from selfsup.pipelines.shards import load_manifest
-from selfsup.pipelines.storage import is_s3, open_store, resolve_endpoint
+from selfsup.pipelines.endpoints import resolve_endpoint
+from selfsup.pipelines.storage import is_s3, open_store
 from selfsup.pipelines.streaming import shard_samples
 from selfsup.pipelines.views import make_views
 from selfsup.platform.config import load_config

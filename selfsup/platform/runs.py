@@ -38,7 +38,8 @@ import re
 import time
 from datetime import datetime, timezone
 
-from selfsup.pipelines.storage import Endpoint, Store, StorageError, is_s3, join, open_store
+from selfsup.pipelines.endpoints import Endpoint, StorageError
+from selfsup.pipelines.storage import Store, is_s3, join, open_store
 
 METRICS, SUMMARY, CONFIG, HEARTBEAT = "metrics.jsonl", "summary.json", "config.yaml", "heartbeat.json"
 SWEEP, SPACE, TRIALS, BEST, TRIAL, TUNE_DIR = "sweep.json", "space.yaml", "trials.csv", "best.yaml", "trial.json", "_tune"

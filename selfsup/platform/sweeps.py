@@ -31,7 +31,8 @@ from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from selfsup.methods import METHODS
-from selfsup.pipelines.storage import Endpoint, Store, fs_and_path, is_s3, join, open_store, resolve_endpoint
+from selfsup.pipelines.endpoints import Endpoint, resolve_endpoint
+from selfsup.pipelines.storage import Store, fs_and_path, is_s3, join, open_store
 from selfsup.platform.config import Config, ConfigError, load_config, to_yaml, validate
 from selfsup.platform.runs import (BEST, SPACE, SUMMARY, SWEEP, TRIAL, TRIALS, TUNE_DIR, best_trial, check_name,
                                    evals, now, read_metrics, read_summary, read_sweep, trials_csv, trials_of)

@@ -8,7 +8,8 @@ import time
 
 import torch
 
-from selfsup.pipelines.storage import Endpoint, open_store
+from selfsup.pipelines.endpoints import Endpoint
+from selfsup.pipelines.storage import open_store
 from selfsup.pipelines.views import Plain, make_views, to_model_input
 from selfsup.platform.config import Config
 

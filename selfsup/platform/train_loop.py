@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from selfsup.pipelines.storage import Endpoint
+from selfsup.pipelines.endpoints import Endpoint
 from selfsup.pipelines.streaming import decoded_collate
 from selfsup.platform.config import Config, validate
 from selfsup.platform.checkpoints import read_checkpoint, save_checkpoint, wait_complete

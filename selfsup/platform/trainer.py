@@ -23,7 +23,8 @@ import ray.train
 
 from selfsup.methods import METHODS
 from selfsup.pipelines.shards import load_manifest
-from selfsup.pipelines.storage import Endpoint, Store, environ, fs_and_path, is_s3, join, open_store, resolve_endpoint
+from selfsup.pipelines.endpoints import Endpoint, environ, resolve_endpoint
+from selfsup.pipelines.storage import Store, fs_and_path, is_s3, join, open_store
 from selfsup.platform.checkpoints import prune, write_manifest
 from selfsup.platform.config import Config, ConfigError, to_yaml, validate
 from selfsup.platform.elastic import NODE_HEALTH, fast_coordinator, train_env
