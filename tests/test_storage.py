@@ -53,6 +53,11 @@ def test_store_on_s3_and_local_alike(s3, s3_uri, tmp_path):
             store.read("d/two.bin")
         store.delete("d/one.bin")
         assert store.list() == []
+    # a folder marker (pyarrow's create_dir writes them, as do S3 consoles) is no key: S3 lists as a
+    # local folder does
+    store = open_store(s3_uri)
+    store.client.put_object(Bucket=store.bucket, Key="/".join(filter(None, [store.prefix, "d/"])), Body=b"")
+    assert store.list() == [] and store.list("d") == []
 
 
 def test_missing_bucket_without_create_is_an_error(s3):

@@ -222,7 +222,8 @@ class S3Store(Store):
         with self._errors(f"listing {self.uri}"):
             pages = self.client.get_paginator("list_objects_v2")
             for o in retrying(self.ep, lambda: pages.paginate(Bucket=self.bucket, Prefix=full).build_full_result()).get("Contents", []):
-                out.append(o["Key"][strip:])
+                if not o["Key"].endswith("/"):  # a folder marker, not a file
+                    out.append(o["Key"][strip:])
         return sorted(out)
 
     def delete(self, key):
