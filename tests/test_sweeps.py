@@ -146,6 +146,8 @@ def test_a_sweep_killed_mid_way_continues_on_rerun_and_asha_stops_the_worse_tria
     assert csv_lines[0].startswith("trial,status,stopped_early,step,final_knn_top1,best_knn_top1,eval.temperature")
     assert len(csv_lines) == 4
     assert "stopped" in r.stdout and sweep["best"] in r.stdout
+    # the console is ours: none of Tune's experiment table, result paths or TensorBoard hints
+    assert not any(s in r.stdout + r.stderr for s in ("Configuration for experiment", "View detailed results", "tensorboard"))
 
     # the best config trains as it is (a new run under the base config's root)
     best = tmp_path / "best.yaml"

@@ -31,7 +31,7 @@ from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from selfsup.methods import METHODS
-from selfsup.pipelines.endpoints import Endpoint, resolve_endpoint
+from selfsup.pipelines.endpoints import Endpoint, environ, resolve_endpoint
 from selfsup.pipelines.storage import Store, fs_and_path, is_s3, join, open_store
 from selfsup.platform.config import Config, ConfigError, load_config, to_yaml, validate
 from selfsup.platform.runs import (BEST, SPACE, SUMMARY, SWEEP, TRIAL, TRIALS, TUNE_DIR, best_trial, check_name,
@@ -329,7 +329,10 @@ def tune_sweep(config: str | None, overrides: list[str], space: str | None = Non
                 scheduler=ASHAScheduler(time_attr="training_iteration", metric=metric, mode=mode,
                                         grace_period=grace_period, reduction_factor=2, max_t=10_000),
                 trial_name_creator=lambda t: t.trial_id, trial_dirname_creator=lambda t: t.trial_id))
-    results = tuner.fit()
+    # Tune 2.60's default output engine prints its experiment table and result paths even at
+    # verbose=0; the legacy engine at verbosity 0 prints nothing (our Progress callback reports)
+    with environ({"RAY_AIR_NEW_OUTPUT": "0"}):
+        results = tuner.fit()
     errored = {Path(r.path).name for r in results if r.error is not None}  # a trial's folder is its id
     return finish_sweep(store, state, sp, ep, errored)
 
