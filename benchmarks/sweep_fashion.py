@@ -114,21 +114,24 @@ def main():
                 done = keep_rows(ROWS, key, {t["trial"]: {**t, "knn_full": full["knn_top1"], "commit": commit()}})
                 print(t["trial"], t["params"], f"full kNN {full['knn_top1']:.2f}%", flush=True)
         # The decisive comparison, repeated: the sweep's pick (best.yaml, as `selfsup train` takes it) and
-        # knn_budget.py's settings, each trained `repeats` times for the same budget (the pick's trial is one)
+        # knn_budget.py's settings, each trained `repeats` times for the same budget (the pick's trial is
+        # one). The reruns drop the sweep's periodic kNN and frequent checkpoints, which take cores from
+        # the training steps, so that pick and baseline differ in the swept keys only.
+        unswept = [o for o in base if o.split("=")[0] in {s.split("=")[0] for s in sweep_set}]
         with tempfile.NamedTemporaryFile("wb", suffix=".yaml") as best:
             best.write(open_store(state["uri"]).read("best.yaml"))
             best.flush()
             for label, config, overrides in [*((f"baseline-{i}", None, base) for i in range(2, args.repeats + 1)),
-                                             *((f"best-{i}", best.name, []) for i in range(2, args.repeats + 1))]:
+                                             *((f"best-{i}", best.name, unswept) for i in range(2, args.repeats + 1))]:
                 if label not in done:
                     done = keep_rows(ROWS, key, {label: scored(label, config, overrides)})
-    write_table(method, done, state, sweep_set, budget, trials, args.quick,
+    write_table(method, done, state, sweep_set, unswept, budget, trials, args.quick,
                 f"The sweep ran from {state['started']} to {state['updated']} (UTC, across invocations); "
                 f"this invocation {time.time() - t_all:.0f} s, {sweep_s:.0f} s of it in `selfsup tune`.")
 
 
-def write_table(method: str, table: dict, state: dict, sweep_set: list[str], budget: float, trials: int, quick: bool,
-                footer: str) -> None:
+def write_table(method: str, table: dict, state: dict, sweep_set: list[str], unswept: list[str], budget: float,
+                trials: int, quick: bool, footer: str) -> None:
     by_id = {r["trial"]: r for r in state["trials"]}
     scored = {k: {**by_id.get(k, {}), **r} for k, r in table.items() if "params" in r}
     ranked = sorted(scored.values(), key=lambda r: -r["knn_full"])
@@ -169,7 +172,8 @@ knn_budget.py's settings trained at in their first run). Full kNN: k=20, T=0.07,
 10,000 test images, on each finished trial's last checkpoint; a trial ASHA stopped early trained for a
 fraction of the budget, and is listed by its periodic kNN (`--score-stopped` adds its full kNN too,
 where ASHA stopped it).
-The pick's runs are its trial and reruns of its `best.yaml`; the counts are in the comparison above.
+The pick's runs are its trial and reruns of its `best.yaml` with knn_budget.py's evaluation and checkpoint
+settings (`{' '.join(unswept)}`: no periodic kNN); the counts are in the comparison above.
 Rows are kept in `benchmarks/sweep_fashion_rows.json`.
 
 {footer}""")
