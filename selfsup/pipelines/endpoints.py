@@ -18,6 +18,7 @@ import os
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+
 class StorageError(RuntimeError):
     """Storage is unreachable, refuses us, or holds something unexpected. One line for the user."""
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from selfsup.pipelines.endpoints import (Endpoint, StorageError, explain, pyarrow_fs, resolve_endpoint, retrying,
                                          s3_client)
 
+
 def is_s3(uri: str) -> bool:
     return str(uri).startswith("s3://")
 
