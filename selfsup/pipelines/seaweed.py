@@ -373,18 +373,23 @@ class EmbeddedS3:
         pid = st["pid"]
         self._signal(pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout
-        while _alive(pid) and time.monotonic() < deadline:
+        while self._holds_on(pid) and time.monotonic() < deadline:
             self._reap()
             time.sleep(0.1)
-        if _alive(pid) and self._is_ours(pid):
+        if self._holds_on(pid) and self._is_ours(pid):
             self._signal(pid, signal.SIGKILL)
-            while _alive(pid):
+            while self._holds_on(pid):
                 self._reap()
                 time.sleep(0.05)
         self._reap()
         self.state_file.unlink(missing_ok=True)
         self._remove_sockets(st)
         return True
+
+    def _holds_on(self, pid: int) -> bool:
+        # weed's main thread shows as a zombie while its other threads still exit and hold its
+        # files: it is gone only once server.lock is released too, or a next `up` finds it held.
+        return _alive(pid) or self._lock_holder() == pid
 
     @staticmethod
     def _remove_sockets(state: dict) -> None:
