@@ -2,6 +2,7 @@
 ports), the repository as the job's working dir, a tiny training run against the test S3 server.
 Only the processes this test started are stopped (`ray start --block` ends its own children)."""
 
+import json
 import os
 import shutil
 import signal
@@ -93,7 +94,7 @@ def ray_head(s3):
         assert not left, f"Ray processes left after the head stopped: {left}"
 
 
-def test_ray_job_submit_runs_a_training_job_to_completion(ray_head, tiny_labeled):
+def test_ray_job_submit_runs_a_training_job_and_a_sweep_to_completion(ray_head, tiny_labeled, tmp_path):
     url, env, head_s = ray_head
     data, _ = tiny_labeled
     root, name = "s3://test-runs/jobs", "submitted"
@@ -121,3 +122,21 @@ def test_ray_job_submit_runs_a_training_job_to_completion(ray_head, tiny_labeled
     print(f"\nray start --head until the dashboard answers: {head_s:.1f} s; ray job submit until SUCCEEDED: "
           f"{submit_s:.1f} s, of which the run's driver (selfsup train) {summary['wall_time_s']:.1f} s, of which "
           f"training steps {train_rows[-1]['elapsed_s']:.1f} s")
+
+    # a sweep as a job too, with the model-based searcher: two trials of one 1-CPU worker on the head's
+    # 2 CPUs, where two trials at once would leave no CPU for Ray Data's read tasks and wait forever
+    space = tmp_path / "space.yaml"
+    space.write_text("eval.temperature: {choice: [0.07, 0.2]}\n")
+    r = subprocess.run(
+        [RAY, "job", "submit", f"--address={url}", "--submission-id=selfsup-test-sweep", f"--working-dir={REPO}",
+         "--", "python", "-m", "selfsup", "tune", "simclr_resnet18", "--space", str(space), "--searcher", "optuna",
+         "--samples", "2", "--name", "swept",
+         f"data.uri={data}", "data.batch_size=8", "data.views.view0.size=16", "data.views.view1.size=16",
+         "model.name=resnet10t", "model.cifar_stem=false", "method.proj_hidden_dim=64", "method.proj_dim=32",
+         "scaling.num_workers=1", "scaling.cpus_per_worker=1", "eval.train_samples=0", "eval.test_samples=0",
+         "eval.k=5", "eval.every_epochs=1", "eval.at_start=false", "schedule.epochs=1", f"storage.root={root}"],
+        env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    sweep = json.loads(open_store(f"{root}/swept").read("sweep.json"))
+    assert sweep["status"] == "finished" and [t["status"] for t in sweep["trials"]] == ["finished"] * 2
+    assert "sweep swept:" in r.stdout and sweep["best"] in r.stdout

@@ -275,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--mode", default="max", choices=["max", "min"])
     s.add_argument("--grace-period", type=int, default=1,
                    help="evaluations (eval.every_epochs) a trial gets before ASHA may stop it")
-    s.add_argument("--max-concurrent", type=int, help="trials at once (default: as many as the local cluster holds)")
+    s.add_argument("--max-concurrent", type=int, help="trials at once (default: as many as the cluster holds now)")
     s.add_argument("--name", help="the sweep's name (default: CONFIG-SPACE, so a rerun continues it)")
     s.set_defaults(func=_tune)
 

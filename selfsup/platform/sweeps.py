@@ -244,7 +244,7 @@ def sweep_name(config: str | None, space: str) -> str:
 
 
 def max_trials_at_once(cfg: Config) -> int:
-    """Trials whose workers the cluster holds at once, leaving one CPU free: Ray Data's read tasks
+    """Trials whose workers the cluster holds now, leaving one CPU free: Ray Data's read tasks
     take a whole one, and without it every trial waits for data forever."""
     import ray
 
@@ -299,11 +299,13 @@ def tune_sweep(config: str | None, overrides: list[str], space: str | None = Non
     store.write(SWEEP, json.dumps(state, indent=1).encode())
     store.write(SPACE, yaml.safe_dump(sp.as_dict(), sort_keys=False).encode())
 
-    fixed = ensure_ray()
-    if max_concurrent is None and fixed:
+    ensure_ray()
+    # On a joined cluster too (`ray job submit`): Tune alone starts every trial whose driver fits, and
+    # trials whose workers take the last CPU wait for data forever on a cluster that does not grow.
+    if max_concurrent is None:
         max_concurrent = max_trials_at_once(base)
     log(f"sweep {name}: {uri} ({searcher} search, {samples} sample(s) of space {space_name!r}, "
-        f"{max_concurrent or 'as many as fit'} trial(s) at once" + (", continuing" if previous else "") + ")")
+        f"{max_concurrent} trial(s) at once" + (", continuing" if previous else "") + ")")
     trial_spec = {"config": spec["config"], "space_name": space_name, "space": sp.as_dict(), "uri": uri,
                   "ep": dataclasses.asdict(ep) if ep else None, "metric": metric}
     trainable = tune.with_resources(tune.with_parameters(_trial, spec=trial_spec), TRIAL_RESOURCES)
