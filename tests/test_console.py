@@ -2,6 +2,9 @@
 
 import io
 import json
+import os
+import subprocess
+import sys
 import time
 
 from selfsup.pipelines.storage import open_store
@@ -59,3 +62,35 @@ def test_a_log_gets_plain_lines_at_evaluations_and_the_last_state(tmp_path):
     lines = out.getvalue().splitlines()
     assert [ln.split(" · ")[0] for ln in lines] == ["step 10", "step 30", "step 40"]
     assert "\r" not in out.getvalue() and "kNN 80.00%" in lines[1]
+
+
+RAY_WARNING = """
+import sys, time
+if sys.argv[1] == "selfsup":
+    import selfsup  # noqa: F401
+import ray
+
+ray.init(num_cpus=1, include_dashboard=False, logging_level="ERROR")
+
+@ray.remote(num_cpus=0)
+class Idle:
+    def ping(self):
+        return 1
+
+actors = [Idle.remote() for _ in range(12)]  # past 4x the node's 1 CPU, where the raylet warns
+ray.get([a.ping.remote() for a in actors])
+time.sleep(3)  # the warning reaches the driver's console asynchronously
+ray.shutdown()
+"""
+
+
+def test_rays_worker_pool_warning_stays_off_the_console():
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_DEDUP_LOGS_SKIP_REGEX")}
+    out = {}
+    for who in ("ray", "selfsup"):
+        r = subprocess.run([sys.executable, "-c", RAY_WARNING, who], env=env, capture_output=True, text=True,
+                           timeout=120)
+        assert r.returncode == 0, r.stderr[-2000:]
+        out[who] = r.stdout + r.stderr
+    assert "PYTHON worker processes have been started" in out["ray"]  # Ray alone prints it
+    assert "PYTHON worker processes" not in out["selfsup"], out["selfsup"]
