@@ -18,6 +18,10 @@ from selfsup.pipelines.storage import open_store
 from selfsup.platform.runs import read_metrics, read_summary
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# a tiny SimCLR run on tiny_labeled, for the training job and the sweep's trials alike
+TINY = ["data.batch_size=8", "data.views.view0.size=16", "data.views.view1.size=16", "model.name=resnet10t",
+        "model.cifar_stem=false", "method.proj_hidden_dim=64", "method.proj_dim=32", "scaling.num_workers=1",
+        "eval.train_samples=0", "eval.test_samples=0", "eval.k=5"]
 RAY = os.path.join(os.path.dirname(sys.executable), "ray")
 
 
@@ -102,10 +106,8 @@ def test_ray_job_submit_runs_a_training_job_and_a_sweep_to_completion(ray_head, 
     r = subprocess.run(
         [RAY, "job", "submit", f"--address={url}", "--submission-id=selfsup-test-job", f"--working-dir={REPO}",
          "--runtime-env-json", '{"env_vars": {"RAY_DATA_DISABLE_PROGRESS_BARS": "1"}}', "--",
-         "python", "-m", "selfsup", "train", "simclr_resnet18", f"data.uri={data}", "data.batch_size=8",
-         "data.views.view0.size=16", "data.views.view1.size=16", "model.name=resnet10t", "model.cifar_stem=false",
-         "method.proj_hidden_dim=64", "method.proj_dim=32", "scaling.num_workers=1", "eval.train_samples=0",
-         "eval.test_samples=0", "eval.k=5", "schedule.steps=3", f"storage.root={root}", f"storage.name={name}"],
+         "python", "-m", "selfsup", "train", "simclr_resnet18", f"data.uri={data}", *TINY, "schedule.steps=3",
+         f"storage.root={root}", f"storage.name={name}"],
         env=env, capture_output=True, text=True, timeout=600)
     submit_s = time.monotonic() - t0
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
@@ -130,11 +132,8 @@ def test_ray_job_submit_runs_a_training_job_and_a_sweep_to_completion(ray_head, 
     r = subprocess.run(
         [RAY, "job", "submit", f"--address={url}", "--submission-id=selfsup-test-sweep", f"--working-dir={REPO}",
          "--", "python", "-m", "selfsup", "tune", "simclr_resnet18", "--space", str(space), "--searcher", "optuna",
-         "--samples", "2", "--name", "swept",
-         f"data.uri={data}", "data.batch_size=8", "data.views.view0.size=16", "data.views.view1.size=16",
-         "model.name=resnet10t", "model.cifar_stem=false", "method.proj_hidden_dim=64", "method.proj_dim=32",
-         "scaling.num_workers=1", "scaling.cpus_per_worker=1", "eval.train_samples=0", "eval.test_samples=0",
-         "eval.k=5", "eval.every_epochs=1", "eval.at_start=false", "schedule.epochs=1", f"storage.root={root}"],
+         "--samples", "2", "--name", "swept", f"data.uri={data}", *TINY, "scaling.cpus_per_worker=1",
+         "eval.every_epochs=1", "eval.at_start=false", "schedule.epochs=1", f"storage.root={root}"],
         env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
     sweep = json.loads(open_store(f"{root}/swept").read("sweep.json"))
