@@ -72,7 +72,8 @@ def child(args) -> dict:
     res.update(protocols(m.backbone, m.feat_dim, cfg, train, test, ft, args.quick))
     known = json.load(open(args.cache)) if os.path.exists(args.cache) else {}
     pooling = cfg.model.kwargs.get("global_pool", "token")  # the same weights pooled otherwise are another baseline
-    init_key = (f"{init_hash}@{cfg.eval.image_size or cfg.view_size()}px pool={pooling} ft={ft.fraction}x{ft.epochs}"
+    # " bn-head": fine-tuning's head standardises the features (platform/finetune.py); keys without it: a plain head
+    init_key = (f"{init_hash}@{cfg.eval.image_size or cfg.view_size()}px pool={pooling} ft={ft.fraction}x{ft.epochs} bn-head"
                 + (" quick" if args.quick else ""))
     if init_key not in known:
         torch.manual_seed(0)
@@ -104,7 +105,8 @@ brackets the same seed-0 ViT at random init under the same protocol and the gain
 cosine on all 60,000 / 10,000 images; linear probe: L-BFGS logistic regression on standardised frozen
 features, all 60,000 labels; fine-tuning: {args.ft_fraction:.0%} of the train labels (class-balanced,
 seed 0), {args.ft_epochs} epochs, AdamW lr 1e-3 per 256, layer decay 0.75, warm-up 1 epoch, crops of
-50-100% and flips, scored on all 10,000 test images (platform/finetune.py). Rows are kept in
+50-100% and flips, a linear head on batch-normalised features (rows measured before that head: a plain
+linear head), scored on all 10,000 test images (platform/finetune.py). Rows are kept in
 `benchmarks/mim_budget_rows.json`: a run with `--only` refreshes its methods' rows and keeps the others;
 "code" is the commit each row was measured with.""")
 
