@@ -133,13 +133,11 @@ def finetune(backbone: nn.Module, dim: int, train_imgs: list[torch.Tensor], trai
 
     # The head's statistics afresh from the labelled images as the test sees them (centre crops, the
     # final weights): a short schedule's running averages still hold the early steps' features.
-    norm = head[0]
-    norm.reset_running_stats()
-    norm.momentum = None  # a plain average over the batches
+    head.eval()
     with torch.no_grad():
-        for _, f in features(train_imgs):
-            norm(f)
-        head.eval()
+        seen = torch.cat([f.float() for _, f in features(train_imgs)])
+        head[0].running_mean.copy_(seen.mean(0))
+        head[0].running_var.copy_(seen.var(0) if len(seen) > 1 else torch.ones_like(seen[0]))
         correct = sum(int((head(f).argmax(1) == test_y[i:i + len(f)]).sum()) for i, f in features(test_imgs))
     return 100.0 * correct / len(test_imgs)
 
