@@ -24,6 +24,7 @@ from selfsup.pipelines.storage import open_store
 from selfsup.pipelines.views import Augment, Plain, augment, make_views, stack_padded, to_model_input
 from selfsup.platform.evaluate import balanced_subset, load_labeled, load_run
 from selfsup.platform.runs import RunError, finetune_key
+from selfsup.platform.step import autocast_dtype, fp32_convs_on_tiny_maps
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,8 @@ def finetune(backbone: nn.Module, dim: int, train_imgs: list[torch.Tensor], trai
     total, warmup = p.epochs * steps_per_epoch, min(p.warmup_epochs, p.epochs / 4) * steps_per_epoch
     aug = Augment(size=size, scale=p.crop_scale, jitter_p=0.0, grayscale_p=0.0)
     g = torch.Generator().manual_seed(p.seed)
+    if dtype:
+        fp32_convs_on_tiny_maps(backbone)
     ctx = (lambda: torch.autocast("cpu", dtype=dtype)) if dtype else torch.enable_grad
     backbone.train()
     head.train()
@@ -146,8 +149,6 @@ def finetune_run(run_uri: str, p: FinetuneParams, checkpoint: str | None = None,
                  train_samples: int = 0, test_samples: int = 0, ep: Endpoint | None = None, log=print) -> dict:
     """Fine-tune a run's backbone (newest good checkpoint, or `checkpoint`) and the same backbone at
     random init under one schedule; the table is written to the run's folder and returned."""
-    from selfsup.platform.step import autocast_dtype
-
     t0 = time.perf_counter()
     cfg, method, used = load_run(run_uri, ep, checkpoint)
     if teacher and not hasattr(method, "teacher_backbone"):

@@ -8,6 +8,7 @@ time budget) done, so a short or budgeted run still warms up, anneals and unfree
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -53,6 +54,25 @@ def autocast_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
     return torch.bfloat16 if cpu_has_bf16() else None
+
+
+def fp32_convs_on_tiny_maps(model: nn.Module) -> None:
+    """Under CPU bf16 autocast, run each convolution whose input map is smaller than its kernel in fp32.
+
+    oneDNN's bf16 weight gradient of a strided 3x3 convolution on a 1x1 map comes out NaN or ~1e37
+    once that layer has also seen another input size (multi-crop views, a ResNet's last stage at
+    16-32 px): torch 2.14.1 with two threads on an AMD EPYC with AVX512-BF16, most such steps
+    (tests/test_step.py). Maps that small cost nothing in fp32."""
+    for conv in model.modules():
+        if isinstance(conv, nn.Conv2d) and max(conv.kernel_size) > 1:
+            conv.forward = functools.partial(_conv_fp32_when_tiny, conv, type(conv).forward)
+
+
+def _conv_fp32_when_tiny(conv: nn.Conv2d, forward, x: torch.Tensor) -> torch.Tensor:
+    if x.shape[-2] < conv.kernel_size[0] or x.shape[-1] < conv.kernel_size[1]:
+        with torch.autocast(x.device.type, enabled=False):
+            return forward(conv, x.float())
+    return forward(conv, x)
 
 
 class LARS(torch.optim.Optimizer):
@@ -157,6 +177,8 @@ class TrainStep:
         self.view_gen = torch.Generator(device=device).manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
         self.optimizer = build_optimizer(method, cfg)
         self.dtype = autocast_dtype(cfg, device)
+        if self.dtype and device.type == "cpu":
+            fp32_convs_on_tiny_maps(method)
         cl = cfg.train.channels_last
         self.channels_last = (self.dtype is not None and "vit" not in cfg.model.name) if cl == "auto" else cl
         if self.channels_last:
