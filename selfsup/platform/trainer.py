@@ -362,7 +362,9 @@ def train(cfg: Config, log=print, callbacks: list = (), show_progress: bool = Fa
         error = one_line_cause(e)
         raise
     finally:
-        if health is not None:
+        # After Ctrl-C or SIGTERM Ray is already shut down (the actor went with it): touching it
+        # then can end the process from Ray's C++ side ("core worker has already been shutdown", exit 1).
+        if health is not None and ray.is_initialized():
             with contextlib.suppress(Exception):
                 ray.kill(health)
         summary = summarise(_rows_or_none(store), {**base, "status": status})
