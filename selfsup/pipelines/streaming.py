@@ -23,14 +23,18 @@ import struct
 import tarfile
 import warnings
 import zlib
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from selfsup.pipelines.shards import load_manifest
 from selfsup.pipelines.endpoints import Endpoint
 from selfsup.pipelines.storage import fs_and_path, is_s3
-from selfsup.pipelines.views import make_views
+
+# torch is imported where it is used: Ray Data's split coordinator (an actor per epoch's stream)
+# unpickles decode_shards, so imports this module, and needs none of torch (2.7 s on a busy core).
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("selfsup.data")
 # Ray Data retries a task whose worker died forever by default; a process that crashes on some
@@ -88,6 +92,7 @@ def check_png(data: bytes) -> None:
 
 def decode_image(data: bytes) -> torch.Tensor:
     """PNG or JPEG bytes -> uint8 (C, H, W), C = 1 for grey, 3 for colour. Damaged bytes raise."""
+    import torch
     from torchvision.io import ImageReadMode, decode_image as tv_decode  # 2.7x PIL's speed; pinned torchvision
 
     if data[:8] == PNG_SIGNATURE:
@@ -170,6 +175,8 @@ def _to_column(images: list[torch.Tensor]):
 def collate_decoded(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
     """A batch of decoded samples (one image size, or several) as the `decoded` batch of views.py:
     uint8 images zero-padded to the batch's largest, and each one's (H, W)."""
+    import torch
+
     images = batch["image"]
     out = {k: torch.from_numpy(np.asarray(batch[k])) for k in ("index", "label") if k in batch}
     if images.dtype != object:  # one size: already a (B, C, H, W) array
@@ -235,6 +242,10 @@ def decode_shards(batch: dict, sha: dict[str, str], strict: bool, health: str | 
             else:
                 # A fresh seed per batch: every epoch sees new augmentations (make_views itself
                 # is deterministic given its generator; tests rely on that).
+                import torch
+
+                from selfsup.pipelines.views import make_views
+
                 g = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
                 out.update({k: v.numpy() for k, v in make_views(images[i:i + batch_size], spec, g).items()})
             yield out
