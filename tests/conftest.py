@@ -1,6 +1,7 @@
 """Shared fixtures. Every server a test needs is started here, on 127.0.0.1, and stopped."""
 
 import os
+import signal
 import tempfile
 
 # Never touch the user's ~/.selfsup, whatever a test does; keep Ray on loopback.
@@ -9,6 +10,11 @@ os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 os.environ["RAY_DATA_DISABLE_PROGRESS_BARS"] = "1"
 for var in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "SELFSUP_STORAGE"):
     os.environ.pop(var, None)
+# Tests Ctrl-C the CLIs they start. A shell starts a background job (`make test &`) with SIGINT
+# ignored, and an ignored signal stays ignored across exec: Python in those CLIs would then never
+# raise KeyboardInterrupt. Restore Python's handler, so children get SIGINT as from a terminal.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

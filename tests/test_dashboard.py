@@ -231,7 +231,13 @@ def test_selfsup_dashboard_in_a_real_browser(runs, tmp_path):
             browser.close()
     finally:
         proc.send_signal(signal.SIGINT)  # the CLI stops its Streamlit server on Ctrl-C
-        proc.wait(timeout=30)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:  # a failure, but nothing left running: the CLI nor its server
+            subprocess.run(["pkill", "-KILL", "-P", str(proc.pid)])
+            proc.kill()
+            proc.wait()
+            raise
     assert proc.returncode == 130
     with pytest.raises(ConnectionRefusedError):  # the Streamlit server went with it
         socket.create_connection(("127.0.0.1", port), timeout=5)

@@ -267,8 +267,10 @@ def test_ctrl_c_and_sigterm_end_the_run_with_their_status(s3, tiny_labeled):
         store, deadline, stopped = open_store(ROOT, create=True), time.monotonic() + 240, {}
         while len(stopped) < len(procs) and time.monotonic() < deadline:
             for status, proc in procs.items():
+                if status in stopped:  # signalled: it may have ended already, while the other one starts
+                    continue
                 assert proc.poll() is None, proc.communicate()[1][-3000:]
-                if status not in stopped and store.exists(f"stopped-{status}/metrics.jsonl"):
+                if store.exists(f"stopped-{status}/metrics.jsonl"):
                     proc.send_signal(cases[status][0])  # training has reported a step: mid-run
                     stopped[status] = time.monotonic()
             time.sleep(0.5)

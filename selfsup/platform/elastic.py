@@ -18,8 +18,10 @@ about 25 s (measured with `ray.cluster_utils.Cluster` on a 2-core machine). The 
 - How often the controller polls its workers (`RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`, 2 s) ->
   `scaling.health_check_s`, and drains (`RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S`, 5 s): 1 s here.
 
-What no setting changes: every restart builds a new worker group, whose processes import torch and
-Ray Train (~7 s on 2 cores). See benchmarks/elastic.py for the figures.
+What no setting changes: every restart builds a new worker group, whose processes import torch, timm
+and Ray Train (9-13 s on 2 busy cores), and the epoch's stream anew: a new split coordinator and new
+decode workers (Ray ends the old ones with their owner, the old rank 0), 8-15 s to the first batch
+there. See benchmarks/elastic.py for the figures.
 """
 
 from __future__ import annotations
