@@ -19,9 +19,10 @@ about 25 s (measured with `ray.cluster_utils.Cluster` on a 2-core machine). The 
   `scaling.health_check_s`, and drains (`RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S`, 5 s): 1 s here.
 
 What no setting changes: every restart builds a new worker group, whose processes import torch, timm
-and Ray Train (9-13 s on 2 busy cores), and the epoch's stream anew: a new split coordinator and new
-decode workers (Ray ends the old ones with their owner, the old rank 0), 8-15 s to the first batch
-there. See benchmarks/elastic.py for the figures.
+and Ray Train (9-13 s from the failure to the training function on 2 busy cores), then the checkpoint
+and the epoch's stream anew: a new split coordinator and new decode workers, as Ray ends the old ones
+with their owner, the old rank 0 (8-15 s more to the first training row). See benchmarks/elastic.py
+for the figures.
 """
 
 from __future__ import annotations
