@@ -234,7 +234,11 @@ def test_selfsup_dashboard_in_a_real_browser(runs, tmp_path):
         try:
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:  # a failure, but nothing left running: the CLI nor its server
-            subprocess.run(["pkill", "-KILL", "-P", str(proc.pid)])
+            __import__("ray")  # puts the psutil that Ray ships (ray/thirdparty_files) on the path
+            import psutil
+
+            for child in psutil.Process(proc.pid).children(recursive=True):
+                child.kill()  # by process id: only what this CLI started
             proc.kill()
             proc.wait()
             raise
