@@ -156,7 +156,7 @@ def inject(name: str, cluster, nodes: list, home: str, out: dict) -> None:
     # the file still holds rows of earlier groups, up to the checkpoint each restart resumed from
     new = wait_for(lambda: [r for r in train_rows() if r["worker_group"] != group and r["time"] > fault], 300,
                    "a new worker group")
-    out["recovery_s"] = round(new[0]["time"] - fault, 2)
+    out["fault_at"], out["recovery_s"] = round(fault, 3), round(new[0]["time"] - fault, 2)
     out["resumed_at_step"] = max((c["step"] for c in checkpoint_rows() if c["step"] < new[0]["step"]), default=0)
     out["steps_repeated"] = max(0, out["fault_step"] - out["resumed_at_step"])
     if name == "drain":  # once the run has checkpointed on the node left, a node comes back

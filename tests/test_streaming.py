@@ -6,7 +6,8 @@ import pytest
 from selfsup.pipelines.shards import ShardOptions, write_shards
 from selfsup.pipelines.sources import open_source
 from selfsup.pipelines.storage import open_store
-from selfsup.pipelines.streaming import CorruptShard, data_health_actor, read_split, shard_samples, tar_members
+from selfsup.pipelines.streaming import (CorruptShard, data_health_actor, read_split, shard_samples, stream_owner_actor,
+                                         tar_members)
 from selfsup.pipelines.views import Augment, MultiCrop, TwoViews
 
 
@@ -53,6 +54,32 @@ def test_view_stream_batches(ray_local, tiny_shards):
     assert sorted(b) == ["global0", "global1", "index", "label", "local0", "local1"]
     assert b["global0"].shape == (8, 1, 16, 16) and b["local1"].shape == (8, 1, 8, 8)
     assert sum(len(b["label"]) for b in batches) == 40
+
+
+def test_a_stream_outlives_the_process_that_planned_it_and_the_next_group_resumes(ray_local, tiny_shards):
+    """The run's stream owner plans each epoch's stream (train_loop.EpochStreams): the rank 0 that
+    asked for it can die and its stream still delivers; the next group's stream, planned from the
+    data position, holds exactly the samples not yet seen."""
+    ray = ray_local
+    owner = stream_owner_actor("test-streams")
+    read = {"manifest_uri": tiny_shards, "split": "train", "seed": 0, "batch_size": 8}
+
+    @ray.remote(num_cpus=0, max_calls=1)  # its process exits after planning, as a failed group's rank 0 does
+    def plan(group: str, seen=None):
+        return ray.get(ray.get_actor("test-streams").split.remote(group, 1, {**read, "seen": seen}))
+
+    def indices(splits):
+        return sorted(int(i) for b in splits[0].iter_batches(batch_size=None) for i in b["index"])
+
+    try:
+        assert indices(ray.get(plan.remote("group-a"))) == list(range(40))
+        seen = np.zeros(40, bool)
+        seen[:16] = True  # two shards and a half
+        seen[30] = True
+        assert indices(ray.get(plan.remote("group-b", seen))) == [i for i in range(40) if not seen[i]]
+        ray.get(owner.stop.remote())
+    finally:
+        ray.kill(owner)
 
 
 def test_corrupt_shard_is_skipped_counted_or_raised(ray_local, s3, tiny_npz, s3_uri):

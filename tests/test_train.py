@@ -4,8 +4,10 @@ S3, resume at the exact step, a damaged checkpoint, and the run/eval commands th
 import io
 import json
 import logging
+import time
 
 import pytest
+import ray
 import torch
 
 from selfsup.pipelines.storage import open_store
@@ -34,12 +36,14 @@ def finished_run(ray_local, tiny_labeled):
     steps_per_epoch = manifest["splits"]["train"]["num_samples"] // 8
     # Views made by the train workers (every other Ray test has the pipeline make them); the
     # resume below switches back to the pipeline's
+    started = time.time()
     summary = train(_cfg(data, "e2e", "schedule.epochs=2", "data.augment_on=trainer"), log=lambda *_: None)
-    return data, summary, steps_per_epoch
+    actors = [a for a in ray._private.state.actors().values() if a["StartTime"] >= started * 1000]
+    return data, summary, steps_per_epoch, actors
 
 
 def test_two_epochs_on_two_workers_leave_checkpoints_and_complete_metrics(finished_run):
-    data, summary, spe = finished_run
+    data, summary, spe, _ = finished_run
     assert summary["status"] == "finished" and summary["step"] == 2 * spe and summary["epoch"] == 2.0
     store = open_store(f"{ROOT}/e2e")
     keys = store.list()
@@ -59,8 +63,15 @@ def test_two_epochs_on_two_workers_leave_checkpoints_and_complete_metrics(finish
     assert state["step"] == 2 * spe and {"model", "optimizer", "torch_rng", "elapsed"} <= set(state)
 
 
+def test_the_run_plans_its_streams_in_one_owner_and_starts_no_dataset_manager(finished_run):
+    actors = {a["ActorClassName"].rpartition(".")[2]: a for a in finished_run[3]}
+    # one stream owner for the run, ended with it; none of Ray Train's per-group DatasetManager actors
+    assert actors["StreamOwner"]["State"] == "DEAD" and "SplitCoordinator" in actors
+    assert "DatasetManager" not in actors and "RayTrainWorker" in actors
+
+
 def test_rerun_resumes_at_the_exact_step_without_duplicated_metrics(finished_run):
-    data, summary, spe = finished_run
+    data, summary, spe, _ = finished_run
     s2 = train(_cfg(data, "e2e", "schedule.epochs=3"), log=lambda *_: None)
     assert s2["step"] == 3 * spe and s2["knn_first"] == summary["knn_first"]
     rows = read_metrics(open_store(f"{ROOT}/e2e"))
@@ -69,7 +80,7 @@ def test_rerun_resumes_at_the_exact_step_without_duplicated_metrics(finished_run
 
 
 def test_a_damaged_checkpoint_falls_back_to_the_one_before(finished_run, caplog):
-    data, summary, spe = finished_run
+    data, summary, spe, _ = finished_run
     store = open_store(f"{ROOT}/e2e")
     newest = sorted({k.split("/")[0] for k in store.list() if k.startswith("checkpoint-")})[-1]
     store.write(f"{newest}/state.pt", b"not a checkpoint")
@@ -103,7 +114,7 @@ def test_finetune_starts_from_the_checkpoint_and_sees_a_balanced_fraction_of_the
     from selfsup.platform.evaluate import load_labeled, load_run
     from selfsup.platform.finetune import weights_sha256
 
-    data, _, _ = finished_run
+    data, _, _, _ = finished_run
     assert main(["eval", "finetune", "e2e", "--root", ROOT, "--fraction", "0.5", "--epochs", "1", "--batch-size", "8"]) == 0
     out = capsys.readouterr().out
     res = json.loads(open_store(f"{ROOT}/e2e").read("eval/finetune-0.5-1ep.json"))
@@ -147,7 +158,7 @@ def test_storage_unreachable_at_start_is_one_line_exit_2(tiny_labeled, monkeypat
 
 
 def test_non_finite_updates_roll_back_to_the_last_checkpoint_then_finish(finished_run, monkeypatch):
-    data, _, spe = finished_run
+    data, _, spe, _ = finished_run
     monkeypatch.setenv("SELFSUP_TEST_NAN", "5:1")  # the loss is NaN from step 5 on, until the first rollback
     s = train(_cfg(data, "rollback", "schedule.steps=8", "train.checkpoint_every_steps=2",
                    "train.rollback_after_skipped=2"), log=lambda *_: None)
@@ -159,7 +170,7 @@ def test_non_finite_updates_roll_back_to_the_last_checkpoint_then_finish(finishe
 
 
 def test_updates_that_stay_non_finite_fail_the_run_after_max_rollbacks(finished_run, monkeypatch):
-    data, _, _ = finished_run
+    data, _, _, _ = finished_run
     monkeypatch.setenv("SELFSUP_TEST_NAN", "3:99")  # poison that never stops
     with pytest.raises(Exception):
         train(_cfg(data, "diverges", "schedule.steps=8", "train.checkpoint_every_steps=2",

@@ -6,7 +6,9 @@
       -> with a view spec: its augmentations, batched (see views.py for the batch keys)
 
 The trainer builds one such dataset per epoch, so a restarted run reads exactly the shards and
-samples the interrupted epoch had left (see platform/train_loop.py's DataPosition).
+samples the interrupted epoch had left (see platform/train_loop.py's DataPosition). A run-long
+`StreamOwner` actor plans and owns those streams, so that a restart reuses what the stream it
+replaces had started (see stream_owner_actor).
 
 A corrupt, truncated or missing shard is skipped with a warning naming it and recorded in the
 `DataHealth` actor (the platform reports its count in the run's metrics); `strict=True` raises
@@ -222,8 +224,14 @@ def decode_shards(batch: dict, sha: dict[str, str], strict: bool, health: str | 
 
     One function for both so that Ray runs each shard in its own task and streams its output in
     blocks of `batch_size`: as two fused map stages, Ray bundles every shard into one task.
-    `seen`: a bitmap (np.packbits) of sample indices to leave out."""
+    `spec`: the view spec's fields (`model_dump()`), not the model: the split coordinator unpickles
+    these arguments too, and the model's module would import torch there (~2.5 s of a busy core
+    in every new stream). `seen`: a bitmap (np.packbits) of sample indices to leave out."""
     done = np.unpackbits(np.frombuffer(seen, np.uint8)).astype(bool) if seen else None
+    if spec is not None:
+        from selfsup.pipelines.views import VIEW_KINDS, Plain
+
+        spec = {**VIEW_KINDS, "plain": Plain}[spec["kind"]].model_validate(spec)
     for data, path in zip(batch["bytes"], batch["path"]):
         try:
             idx, images, labels = shard_samples(data, sha.get(path), name=path)
@@ -309,7 +317,8 @@ def read_split(manifest_uri: str, split: str, ep: Endpoint | None = None, seed: 
     with warnings.catch_warnings():  # max_retries has no named parameter yet in Ray 2.60
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
         return ds.map_batches(decode_shards, batch_size=1, batch_format="numpy", max_retries=DATA_TASK_RETRIES,
-                              fn_kwargs={"sha": sha, "strict": strict, "health": health, "spec": spec,
+                              fn_kwargs={"sha": sha, "strict": strict, "health": health,
+                                         "spec": None if spec is None else spec.model_dump(),
                                          "batch_size": batch_size, "seen": packed})
 
 
@@ -329,3 +338,58 @@ def data_health_actor(name: str):
             return dict(self.bad)
 
     return DataHealth.options(name=name, get_if_exists=True).remote()
+
+
+def stream_owner_actor(name: str):
+    """A named actor that plans a run's epoch streams (read_split, split in equal parts) and owns them.
+
+    Ray ends an actor with the process that owns it, and the workers its tasks leased with it. A
+    stream planned in a train worker dies with that worker: the restarted group's stream then starts
+    from nothing, a new split coordinator whose decode tasks wait for new worker processes to import
+    Ray Data, torch and torchvision (~7 s of a core, in a restart's critical path on 2 busy cores).
+    Owned here, for the whole run, a replaced stream is stopped instead: its decode workers go back
+    to Ray's pool, warm, and the new stream's tasks run in them. Pinned to the caller's node (the
+    driver's), so a lost worker node takes no stream with it. Its streams run with the caller's Ray
+    Data settings (`DataContext`), as Ray Train's own datasets do."""
+    import ray
+    from ray.data import DataContext
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    @ray.remote(num_cpus=0)
+    class StreamOwner:
+        def __init__(self, context: DataContext):
+            DataContext._set_current(context)
+            self.streams: list[tuple[str, list]] = []  # (group, splits), oldest first
+            self.stopping: list[tuple[list, ray.ObjectRef]] = []  # kept until their executor has stopped
+
+        def split(self, group: str, world: int, read: dict) -> list | None:
+            """A new stream of `read_split(**read)` in `world` equal parts for worker group `group`.
+            Streams of other groups are stopped, and of this group all but the one it trains on
+            now (a group plans the next epoch's stream during the current one)."""
+            mine = [s for g, s in self.streams if g == group]
+            self._stop([s for g, s in self.streams if g != group] + mine[:-1])
+            self.streams = [(group, s) for s in mine[-1:]]
+            ds = read_split(**read)
+            splits = None if ds is None else ds.streaming_split(world, equal=True)
+            if splits is not None:
+                self.streams.append((group, splits))
+            return splits
+
+        def stop(self) -> None:
+            """Stop every stream: their worker group has failed (a new one plans anew)."""
+            self._stop([s for _, s in self.streams])
+            self.streams = []
+
+        def _stop(self, streams: list[list]) -> None:
+            # Stop each coordinator's executor before its last handle goes: its running tasks are
+            # cancelled and their workers go back to the pool, not down with their owner. Not
+            # waited for: a coordinator may still be starting, and the new stream comes first.
+            # (The coordinator is a private attribute of Ray Data's split iterator; Ray is pinned.)
+            self.stopping += [(s, s[0]._coord_actor.shutdown_executor.remote()) for s in streams]
+            done, _ = ray.wait([ref for _, ref in self.stopping], num_returns=len(self.stopping), timeout=0)
+            self.stopping = [(s, ref) for s, ref in self.stopping if ref not in done]
+
+    return StreamOwner.options(
+        name=name, get_if_exists=True,
+        scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False),
+    ).remote(DataContext.get_current())

@@ -19,10 +19,14 @@ about 25 s (measured with `ray.cluster_utils.Cluster` on a 2-core machine). The 
   `scaling.health_check_s`, and drains (`RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S`, 5 s): 1 s here.
 
 What no setting changes: every restart builds a new worker group, whose processes import torch, timm
-and Ray Train (9-13 s from the failure to the training function on 2 busy cores), then the checkpoint
-and the epoch's stream anew: a new split coordinator and new decode workers, as Ray ends the old ones
-with their owner, the old rank 0 (8-15 s more to the first training row). See benchmarks/elastic.py
-for the figures.
+and Ray Train (9-13 s from the failure to the training function on 2 busy cores), then loads the
+checkpoint and plans the epoch's stream anew. Two things keep that second part short:
+- The streams belong to a run-long actor (pipelines.streaming.stream_owner_actor), not to rank 0:
+  Ray would end them, and the decode workers they leased, with the old group. Replaced instead,
+  they hand their warm decode workers to the new stream.
+- `LeanTorchTrainer` leaves out Ray Train's dataset callback, which starts an actor with every
+  worker group for datasets handed to the trainer: this platform hands it none.
+See benchmarks/elastic.py for the figures.
 """
 
 from __future__ import annotations
@@ -65,3 +69,19 @@ def fast_coordinator() -> None:
         name="AutoscalingCoordinator", namespace="AutoscalingCoordinator", get_if_exists=True, lifetime="detached",
         scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False),
     ).remote()
+
+
+def lean_trainer(**kwargs):
+    """A TorchTrainer without Ray Train's dataset callback (module docstring), for runs that give it
+    no `datasets`: that callback starts a DatasetManager actor with every worker group, ~2.5 s of a
+    core in each restart of a run on 2 busy cores, for nothing. Private API
+    (`_create_default_callbacks`), pinned by `ray==2.60.0` and tested."""
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.callbacks import DatasetsCallback
+
+    class LeanTorchTrainer(TorchTrainer):
+        def _create_default_callbacks(self):
+            callbacks = super()._create_default_callbacks()
+            return callbacks if self.datasets else [c for c in callbacks if not isinstance(c, DatasetsCallback)]
+
+    return LeanTorchTrainer(**kwargs)

@@ -8,6 +8,7 @@ continues the interrupted epoch with the samples that epoch had not yet trained 
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 import time
 
@@ -162,22 +163,26 @@ _NEXT = object()  # the stream to take at the top of the epoch loop: the next ep
 class EpochStreams:
     """Each epoch's data as one Ray Data stream, split in equal parts, one per worker.
 
-    Rank 0 plans every stream, and the next epoch's ahead of time: a stream's first batch takes
-    ~5 s to come when it is planned just before use (Ray Data starts a coordinator actor and its
-    tasks), ~0.7 s when planned an epoch before."""
+    Rank 0 has the run's stream owner (pipelines.streaming.stream_owner_actor) plan every stream,
+    and the next epoch's ahead of time: a stream's first batch takes ~5 s to come when it is planned
+    just before use (Ray Data starts a coordinator actor and its tasks), ~0.7 s when planned an
+    epoch before."""
 
-    def __init__(self, cfg: Config, ep: Endpoint | None, health: str | None, rank: int, world: int, local_bs: int):
-        self.cfg, self.ep, self.health, self.rank, self.world, self.local_bs = cfg, ep, health, rank, world, local_bs
+    def __init__(self, cfg: Config, ep: Endpoint | None, owner: str, health: str | None, rank: int, world: int,
+                 local_bs: int):
+        self.cfg, self.ep, self.owner, self.health, self.rank, self.world, self.local_bs = \
+            cfg, ep, owner, health, rank, world, local_bs
+        self.group = os.urandom(8).hex()  # this worker group: its streams replace every other group's
         self.ahead: tuple[int, list | None] | None = None
 
     def _plan(self, epoch: int, seen: np.ndarray | None):
-        from selfsup.pipelines.streaming import read_split
+        import ray
 
         c = self.cfg
-        ds = read_split(c.data.uri, c.data.train_split, self.ep, seed=c.data.seed, strict=c.data.strict,
-                        health=self.health, spec=c.data.views if c.data.augment_on == "pipeline" else None,
-                        batch_size=self.local_bs, epoch=epoch, seen=seen)
-        return None if ds is None else ds.streaming_split(self.world, equal=True)
+        read = dict(manifest_uri=c.data.uri, split=c.data.train_split, ep=self.ep, seed=c.data.seed,
+                    strict=c.data.strict, health=self.health, batch_size=self.local_bs, epoch=epoch, seen=seen,
+                    spec=c.data.views if c.data.augment_on == "pipeline" else None)
+        return ray.get(ray.get_actor(self.owner).split.remote(self.group, self.world, read))
 
     def get(self, position: DataPosition):
         """This worker's part of the epoch at `position` (None when it has nothing left). A collective."""
@@ -200,7 +205,6 @@ class EpochStreams:
 def train_func(config: dict) -> None:
     import ray.train
     import ray.train.torch
-    from ray.data import DataContext
     from ray.train import CheckpointUploadMode
 
     cfg = validate(config["cfg"])
@@ -212,7 +216,6 @@ def train_func(config: dict) -> None:
     torch.set_num_threads(threads)
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.data.seed + rank)
-    DataContext.get_current().enable_progress_bars = False
 
     group_started = round(time.time(), 3)  # marks this worker group's rows: a restart or resize shows
     local_bs, global_bs, accum = cfg.batch_at(world)
@@ -221,7 +224,7 @@ def train_func(config: dict) -> None:
     # The checkpoint and the epoch's stream first: Ray Data starts the stream while the model builds.
     state, restored = newest_state(run_uri, ep, rank, world)
     position = DataPosition.from_state(n_train, state.get("position") if state else None)
-    streams = EpochStreams(cfg, ep, health, rank, world, local_bs)
+    streams = EpochStreams(cfg, ep, config["streams"], health, rank, world, local_bs)
 
     stream = streams.get(position)
     method = build_method(cfg, n_train, ep).to(device)

@@ -27,7 +27,7 @@ from selfsup.pipelines.endpoints import Endpoint, environ, resolve_endpoint
 from selfsup.pipelines.storage import Store, fs_and_path, is_s3, join, open_store
 from selfsup.platform.checkpoints import prune, write_manifest
 from selfsup.platform.config import Config, ConfigError, to_yaml, validate
-from selfsup.platform.elastic import NODE_HEALTH, fast_coordinator, train_env
+from selfsup.platform.elastic import NODE_HEALTH, fast_coordinator, lean_trainer, train_env
 from selfsup.platform.runs import (CONFIG, HEARTBEAT_S, METRICS, SUMMARY, RunError, RunFailed, merge_row, now, one_line_cause,
                                    read_metrics, read_summary, summarise, write_heartbeat)
 from selfsup.platform.tokenizer import fit_tokenizer
@@ -57,6 +57,20 @@ def unrecoverable(errors: dict[int, BaseException], previous: str | None) -> str
             return one_line_cause(errors[rank])
     cause = one_line_cause(errors[min(errors)])
     return cause if cause == previous else None
+
+
+class StopStreams(ray.train.UserCallback):
+    """Runs on the Ray Train controller: when a worker group fails, its epoch streams stop at once.
+    They belong to the run's stream owner (train_loop.EpochStreams), so they would go on decoding
+    for workers that are gone, on CPUs the next group needs: one decode task on the node a killed
+    worker freed held the new group's placement back ~7 s (2-core machine, benchmarks/elastic.py)."""
+
+    def __init__(self, owner: str):
+        self.owner = owner
+
+    def after_exception(self, run_context, worker_exceptions):
+        with contextlib.suppress(Exception):  # not waited for: the restart goes on meanwhile
+            ray.get_actor(self.owner).stop.remote()
 
 
 class MetricsLog(ray.train.UserCallback):
@@ -271,12 +285,12 @@ def _fit(trainer) -> None:
         raise box["error"]
 
 
-def _make_trainer(cfg: Config, ep: Endpoint | None, run_uri: str, base: dict, n_train: int, health_name: str,
+def _make_trainer(cfg: Config, ep: Endpoint | None, run_uri: str, base: dict, n_train: int, data_actors: dict,
                   callbacks: list):
     """The TorchTrainer of the run: workers (elastic between scaling.min_workers and num_workers),
-    storage, metrics callback. The data stream is planned per epoch by the workers (train_loop.py)."""
+    storage, metrics callback. The data stream is planned per epoch (train_loop.py) by the run's
+    stream owner; `data_actors`: the names of it ("streams") and of the data-health actor ("health")."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     from selfsup.platform.process_group import LocalStoreTorchConfig
     from selfsup.platform.train_loop import train_func
@@ -285,10 +299,10 @@ def _make_trainer(cfg: Config, ep: Endpoint | None, run_uri: str, base: dict, n_
     resources = worker_resources(cfg)
     workers = (s.min_workers, s.num_workers) if s.min_workers and s.min_workers < s.num_workers else s.num_workers
     fs, root_path = fs_and_path(cfg.storage.root, ep)
-    return TorchTrainer(
-        train_func,
+    return lean_trainer(
+        train_loop_per_worker=train_func,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "ep": dataclasses.asdict(ep) if ep else None,
-                           "run_uri": run_uri, "health": health_name, "n_train": n_train,
+                           "run_uri": run_uri, "n_train": n_train, **data_actors,
                            # test-only: "STEP:N" makes the loss NaN from STEP on, for the first N rollbacks
                            "test_nan": os.environ.get("SELFSUP_TEST_NAN")},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=bool(s.gpus_per_worker),
@@ -297,7 +311,8 @@ def _make_trainer(cfg: Config, ep: Endpoint | None, run_uri: str, base: dict, n_
         torch_config=LocalStoreTorchConfig(),  # DDP's rendezvous store on the node's address, not the wildcard
         run_config=RunConfig(
             name=base["name"], storage_path=root_path, storage_filesystem=fs,
-            callbacks=[MetricsLog(run_uri, ep, base, cfg.train.keep_checkpoints), *callbacks],
+            callbacks=[MetricsLog(run_uri, ep, base, cfg.train.keep_checkpoints), StopStreams(data_actors["streams"]),
+                       *callbacks],
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             # MetricsLog keeps the newest train.keep_checkpoints *complete* ones (checkpoints.prune)
             checkpoint_config=CheckpointConfig(num_to_keep=None),
@@ -311,7 +326,9 @@ def train(cfg: Config, log=print, callbacks: list = (), show_progress: bool = Fa
     UserCallbacks (a sweep's trial reports its evaluations to Tune with one); `show_progress`:
     the console's progress line on stderr (`selfsup train`, the demo)."""
     from selfsup.platform.console import progress
-    from selfsup.pipelines.streaming import data_health_actor
+    from ray.data import DataContext
+
+    from selfsup.pipelines.streaming import data_health_actor, stream_owner_actor
 
     ep: Endpoint | None = resolve_endpoint() if is_s3(cfg.data.uri) else None
     manifest = load_manifest(cfg.data.uri, ep)  # fails early, naming the URI, before Ray starts
@@ -338,17 +355,18 @@ def train(cfg: Config, log=print, callbacks: list = (), show_progress: bool = Fa
     store.write(SUMMARY, json.dumps({**previous, **base, "status": "running"}, indent=1).encode())
     log(f"run {name}: {run_uri}" + (" (resuming)" if previous else ""))
 
-    status, error, health = "failed", None, None
+    status, error, actors = "failed", None, []
     try:
         with _heartbeat(store):
             fixed = ensure_ray()
             with _sigterm_ends_run():  # after ray.init: its local node sets a SIGTERM handler of its own
                 check_resources(cfg, fixed)
-                health_name = f"selfsup-data-health-{name}"
-                health = data_health_actor(health_name)
+                DataContext.get_current().enable_progress_bars = False  # the console has one progress line
+                names = {"health": f"selfsup-data-health-{name}", "streams": f"selfsup-data-streams-{name}"}
+                actors = [data_health_actor(names["health"]), stream_owner_actor(names["streams"])]
                 fast_coordinator()
                 with environ(train_env(cfg)), progress(store) if show_progress else contextlib.nullcontext():
-                    _fit(_make_trainer(cfg, ep, run_uri, base, n_train, health_name, list(callbacks)))
+                    _fit(_make_trainer(cfg, ep, run_uri, base, n_train, names, list(callbacks)))
         status = "finished"
     except KeyboardInterrupt:
         status, error = "interrupted", "stopped by Ctrl-C"
@@ -364,9 +382,10 @@ def train(cfg: Config, log=print, callbacks: list = (), show_progress: bool = Fa
     finally:
         # After Ctrl-C or SIGTERM Ray is already shut down (the actor went with it): touching it
         # then can end the process from Ray's C++ side ("core worker has already been shutdown", exit 1).
-        if health is not None and ray.is_initialized():
-            with contextlib.suppress(Exception):
-                ray.kill(health)
+        if ray.is_initialized():
+            for actor in actors:
+                with contextlib.suppress(Exception):
+                    ray.kill(actor)
         summary = summarise(_rows_or_none(store), {**base, "status": status})
         summary["wall_time_s"] = round(base["wall_time_s_before"] + time.time() - started, 1)
         summary.pop("wall_time_s_before")
