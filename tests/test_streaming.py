@@ -62,7 +62,10 @@ def test_a_stream_outlives_the_process_that_planned_it_and_the_next_group_resume
     data position, holds exactly the samples not yet seen."""
     ray = ray_local
     owner = stream_owner_actor("test-streams")
-    read = {"manifest_uri": tiny_shards, "split": "train", "seed": 0, "batch_size": 8}
+    from selfsup.pipelines.endpoints import resolve_endpoint
+
+    # the endpoint resolved here, as the trainer does: the actor's environment is the cluster's
+    read = {"manifest_uri": tiny_shards, "split": "train", "ep": resolve_endpoint(), "seed": 0, "batch_size": 8}
 
     @ray.remote(num_cpus=0, max_calls=1)  # its process exits after planning, as a failed group's rank 0 does
     def plan(group: str, seen=None):

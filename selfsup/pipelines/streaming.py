@@ -359,6 +359,9 @@ def stream_owner_actor(name: str):
     class StreamOwner:
         def __init__(self, context: DataContext):
             DataContext._set_current(context)
+            # the view spec's module (torch), which each split() unpickles: imported while the run's
+            # workers start, not on the way to the first batch
+            import selfsup.pipelines.views  # noqa: F401
             self.streams: list[tuple[str, list]] = []  # (group, splits), oldest first
             self.stopping: list[tuple[list, ray.ObjectRef]] = []  # kept until their executor has stopped
 
