@@ -20,12 +20,14 @@ about 25 s (measured with `ray.cluster_utils.Cluster` on a 2-core machine). The 
 
 What no setting changes: every restart builds a new worker group, whose processes import torch, timm
 and Ray Train (9-13 s from the failure to the training function on 2 busy cores), then loads the
-checkpoint and plans the epoch's stream anew. Two things keep that second part short:
+checkpoint and plans the epoch's stream anew. What keeps the rest short:
 - The streams belong to a run-long actor (pipelines.streaming.stream_owner_actor), not to rank 0:
   Ray would end them, and the decode workers they leased, with the old group. Replaced instead,
   they hand their warm decode workers to the new stream.
-- `LeanTorchTrainer` leaves out Ray Train's dataset callback, which starts an actor with every
-  worker group for datasets handed to the trainer: this platform hands it none.
+- A failed group's streams stop at once (trainer.StopStreams), so they hold no CPU the next group
+  needs.
+- `lean_trainer` leaves out Ray Train's dataset callback, which starts an actor with every worker
+  group for datasets handed to the trainer: this platform hands it none.
 See benchmarks/elastic.py for the figures.
 """
 
