@@ -3,6 +3,7 @@
 import os
 import signal
 import tempfile
+import warnings
 
 # Never touch the user's ~/.selfsup, whatever a test does; keep Ray on loopback.
 os.environ["SELFSUP_HOME"] = tempfile.mkdtemp(prefix="selfsup-test-home-")
@@ -47,8 +48,6 @@ def _orphaned_ray_workers() -> dict[int, str]:
 @pytest.fixture(autouse=True)
 def no_orphaned_ray_workers():
     """After each test, end (by process id) any Ray worker it left without a raylet, and say so."""
-    import warnings
-
     yield
     orphans = _orphaned_ray_workers()
     for pid in orphans:

@@ -3,6 +3,7 @@ import json
 import numpy as np
 import pytest
 
+from selfsup.pipelines.endpoints import resolve_endpoint
 from selfsup.pipelines.shards import ShardOptions, write_shards
 from selfsup.pipelines.sources import open_source
 from selfsup.pipelines.storage import open_store
@@ -62,8 +63,6 @@ def test_a_stream_outlives_the_process_that_planned_it_and_the_next_group_resume
     data position, holds exactly the samples not yet seen."""
     ray = ray_local
     owner = stream_owner_actor("test-streams")
-    from selfsup.pipelines.endpoints import resolve_endpoint
-
     # the endpoint resolved here, as the trainer does: the actor's environment is the cluster's
     read = {"manifest_uri": tiny_shards, "split": "train", "ep": resolve_endpoint(), "seed": 0, "batch_size": 8}
 

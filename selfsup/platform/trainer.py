@@ -63,7 +63,8 @@ class StopStreams(ray.train.UserCallback):
     """Runs on the Ray Train controller: when a worker group fails, its epoch streams stop at once.
     They belong to the run's stream owner (train_loop.EpochStreams), so they would go on decoding
     for workers that are gone, on CPUs the next group needs: one decode task on the node a killed
-    worker freed held the new group's placement back ~7 s (2-core machine, benchmarks/elastic.py)."""
+    worker freed held the new group's placement back ~7 s (a diagnostic run of tests/elastic_run.py on
+    2 cores; benchmarks/RESULTS.md)."""
 
     def __init__(self, owner: str):
         self.owner = owner
