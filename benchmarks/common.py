@@ -8,6 +8,7 @@ import os
 import platform
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import tempfile
@@ -15,6 +16,16 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
+
+
+def sigterm_as_exit() -> None:
+    """SIGTERM (`timeout`, a scheduler) ends a benchmark as Ctrl-C does: its `finally` blocks stop
+    the S3 server and the Ray cluster it started, instead of leaving them running. (A local
+    `ray.init` puts a handler of its own in place that does the same.)"""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
+sigterm_as_exit()  # every benchmark imports this module first
 
 
 @contextlib.contextmanager
@@ -66,13 +77,29 @@ def write_section(title: str, body: str) -> None:
     RESULTS.write_text(text)
 
 
+def run(cmd: list[str], timeout: float | None = None, **kwargs) -> subprocess.CompletedProcess:
+    """subprocess.run, except that a benchmark ended meanwhile (SIGTERM, Ctrl-C, its timeout) asks
+    the child to end with SIGTERM and waits for it to clean up, instead of SIGKILLing it."""
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except BaseException:
+            proc.terminate()
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 def run_child(cmd: list[str], name: str) -> dict | None:
     """Run one measurement in its own process (its memory and threads its own); its last stdout
     line is a JSON row, returned with the wall time; None, with the error printed, when it fails."""
     import time
 
     t0 = time.time()
-    r = subprocess.run(cmd, capture_output=True, text=True)
+    r = run(cmd)
     if r.returncode != 0:
         print(f"{name}: FAILED\n{r.stderr[-3000:]}", flush=True)
         return None

@@ -102,7 +102,7 @@ def decode_floor(encoded, seconds=3.0) -> tuple[float, float]:
     """Images/s on one core: torchvision's decoder (ours) and PIL (the baseline's)."""
     from PIL import Image
 
-    from selfsup.pipelines.streaming import decode_image
+    from selfsup.pipelines.decode import decode_image
 
     torch.set_num_threads(1)
     out = []
@@ -173,7 +173,7 @@ def main():
         floors = {"PNG 28 px grey": decode_floor(fm_encoded), "JPEG 256 px RGB": decode_floor(rgb_encoded)}
         rows = []
         # One Ray session for all cases; it idles (no tasks) while the baseline runs.
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
         for name, uri, encoded, spec, mean, std, batch in cases:
             base = baseline_views_per_s(encoded, spec, mean, std, batch, seconds)
             ours = ours_views_per_s(uri, spec, batch, seconds)

@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from common import write_section  # noqa: E402
 
 from selfsup.pipelines.sources import FASHION_MNIST_DIR, encode_array  # noqa: E402
-from selfsup.pipelines.streaming import check_png, decode_image  # noqa: E402
+from selfsup.pipelines.decode import check_png, decode_image  # noqa: E402
 
 
 def torchvision_only(data: bytes):

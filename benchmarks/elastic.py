@@ -18,9 +18,11 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import run  # noqa: E402  (and SIGTERM ends this benchmark, and the harness it runs, as Ctrl-C does)
 
 HARNESS = os.path.join(os.path.dirname(__file__), os.pardir, "tests", "elastic_run.py")
 STEPS = 60
@@ -34,7 +36,7 @@ def one(setting: str) -> dict:
         cmd = [sys.executable, HARNESS, "kill-worker,node-loss", out, "--steps", str(STEPS)]
         if setting == "ray-defaults":
             cmd.append("--ray-defaults")
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
+        proc = run(cmd, env=env, timeout=1800)
         if proc.returncode:
             raise SystemExit(f"{setting}: the harness failed:\n{proc.stderr[-2000:]}")
         with open(out) as f:

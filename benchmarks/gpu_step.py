@@ -91,7 +91,8 @@ def jpeg_images(n: int, seed: int = 0) -> list[bytes]:
 
 def decoded_batch(encoded: list[bytes], batch: int) -> dict[str, torch.Tensor]:
     """A `decoded` batch (views.py), as the pipeline streams it with data.augment_on=trainer."""
-    from selfsup.pipelines.streaming import collate_decoded, decode_image
+    from selfsup.pipelines.decode import decode_image
+    from selfsup.pipelines.streaming import collate_decoded
 
     images = np.empty(batch, dtype=object)
     images[:] = [decode_image(encoded[i % len(encoded)]).numpy() for i in range(batch)]
@@ -147,7 +148,7 @@ def measure(name: str, device: torch.device, source: str, compiled: bool, encode
 
 def cpu_feed(name: str, device: torch.device, encoded: list[bytes], seconds: float = 4.0) -> dict:
     """Images/s one CPU core gives each side: decode only, and decode + this setting's views."""
-    from selfsup.pipelines.streaming import decode_image
+    from selfsup.pipelines.decode import decode_image
     from selfsup.pipelines.views import make_views
 
     spec = config(name, device).data.views

@@ -76,7 +76,7 @@ def main():
         batches = make_batches(cfg, steps)
         torch.set_num_threads(threads)
         bare = timed_steps(cfg, batches, warmup)
-        ray.init(num_cpus=threads, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=threads, include_dashboard=False, log_to_driver=False)
         with tempfile.TemporaryDirectory() as tmp:
             out = os.path.join(tmp, "rate")
             TorchTrainer(ray_func, train_loop_config={"cfg": cfg, "batches": batches, "warmup": warmup,

@@ -94,7 +94,7 @@ def ray_local():
     """One local Ray cluster for the session: 2 CPUs, loopback only, no dashboard."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
 

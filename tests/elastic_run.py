@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -129,9 +130,8 @@ def inject(name: str, cluster, nodes: list, home: str, out: dict) -> None:
     """One fault, recorded in `out`; returns once the run trains again after it."""
     from selfsup.pipelines.seaweed import EmbeddedS3
 
-    before = train_rows()
-    group, fault = before[-1]["worker_group"], time.time()
-    out.update(fault=name, fault_step=before[-1]["step"])
+    group, fault = train_rows()[-1]["worker_group"], time.time()
+    out["fault"] = name
     if name == "kill-worker":
         os.kill(node_of_worker(cluster)[1], 9)
     elif name == "node-loss":
@@ -158,6 +158,9 @@ def inject(name: str, cluster, nodes: list, home: str, out: dict) -> None:
                    "a new worker group")
     out["fault_at"], out["recovery_s"] = round(fault, 3), round(new[0]["time"] - fault, 2)
     out["resumed_at_step"] = max((c["step"] for c in checkpoint_rows() if c["step"] < new[0]["step"]), default=0)
+    # The step at the fault from the killed group's own rows, read after the fact (they stay in the
+    # file until the new group reports): the last row read before the kill lags it on a busy machine.
+    out["fault_step"] = max(r["step"] for (g, _), r in SEEN.items() if g == group)
     out["steps_repeated"] = max(0, out["fault_step"] - out["resumed_at_step"])
     if name == "drain":  # once the run has checkpointed on the node left, a node comes back
         one = wait_for(lambda: [r for r in train_rows() if r["workers"] == 1], 300, "steps on one worker")
@@ -184,6 +187,8 @@ def main() -> None:
     ap.add_argument("--at", type=int, default=12, help="the step after which the first fault comes; "
                                                        "each next one 6 steps after the run trains again")
     args = ap.parse_args()
+    # SIGTERM (`timeout`) ends it as Ctrl-C does: the `finally` below stops its cluster and S3 server
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     faults = args.faults.split(",")
     if set(faults) - set(FAULTS):
         ap.error(f"unknown fault(s) {', '.join(sorted(set(faults) - set(FAULTS)))}")

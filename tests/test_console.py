@@ -70,7 +70,7 @@ if sys.argv[1] == "selfsup":
     import selfsup  # noqa: F401
 import ray
 
-ray.init(num_cpus=1, include_dashboard=False, logging_level="ERROR")
+ray.init(address="local", num_cpus=1, include_dashboard=False, logging_level="ERROR")
 
 @ray.remote(num_cpus=0)
 class Idle:

@@ -2,6 +2,7 @@
 runs (DINO on a ViT, MAE) on the test S3 server; the token gate; names that would leave the root;
 and `selfsup dashboard` itself in headless Chromium (Playwright driving Debian's chromium)."""
 
+import contextlib
 import os
 import shutil
 import signal
@@ -160,7 +161,7 @@ def test_views_page_shows_a_runs_augmentations(runs):
     at.selectbox[0].select("dino-vit").run()
     assert not at.error and len(images(at)) == 6 * 4  # 2 global + 2 local crops per sample
     at.text_input[0].set_value("data.views.n_local=nope").run()
-    assert at.error and "n_local" in at.error[0].value
+    assert at.error and dashboard.plain("n_local") in at.error[0].value
 
 
 @pytest.mark.parametrize("name", ["../runs", "/etc", "s3://other-bucket/x", "a/../../b", "dino-vit/x", "..", "~"])
@@ -207,10 +208,8 @@ def test_selfsup_dashboard_in_a_real_browser(runs, tmp_path):
                 "--disable-sync", "--no-first-run"])
             page = browser.new_page(viewport={"width": 1400, "height": 1500})
             for path in ("", "attention", "runs?token=wrong"):  # no token, or a wrong one: only the way in
-                page.goto(url.split("?")[0] + path)
-                page.wait_for_selector('[data-testid="stAlert"]', timeout=60_000)
-                assert "access token" in page.inner_text('[data-testid="stAlert"]')
-                assert not page.query_selector('[data-testid="stDataFrame"], [data-testid="stImage"]'), path
+                answer = page.goto(url.split("?")[0] + path)
+                assert answer.status == 403 and "access token" in page.inner_text("body"), path
             page.goto(url)
             drawn(page, "checkpoints of")
             page.wait_for_selector('[data-testid="stDataFrame"]', timeout=30_000)  # the runs table
@@ -247,6 +246,83 @@ def test_selfsup_dashboard_in_a_real_browser(runs, tmp_path):
         socket.create_connection(("127.0.0.1", port), timeout=5)
 
 
+def _start(tmp_path, *extra) -> tuple[subprocess.Popen, int, str, int]:
+    """`selfsup dashboard` on a free port: (its process, port, token, its Streamlit's pid)."""
+    import ray  # noqa: F401  (puts the psutil that Ray ships on the path)
+    import psutil
+
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "selfsup", "dashboard", "--root", str(tmp_path), "--port", str(port),
+                             *extra], env={**os.environ, "SELFSUP_HOME": str(tmp_path / "home")},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    line = proc.stdout.readline()
+    assert "?token=" in line, line + proc.stderr.read()
+    (child,) = psutil.Process(proc.pid).children()
+    return proc, port, line.rsplit("?token=", 1)[1].strip(), child.pid
+
+
+def _status(port: int, path: str, method: str = "GET", headers: dict | None = None, body: bytes | None = None) -> int:
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        return conn.getresponse().status
+    finally:
+        conn.close()
+
+
+def _gone(pid: int, timeout: float = 20) -> bool:
+    import time
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_no_streamlit_endpoint_answers_without_the_token_and_every_signal_stops_it(tmp_path):
+    import ray  # noqa: F401
+    import psutil
+
+    proc, port, token, streamlit = _start(tmp_path)
+    cookie = {"Cookie": f"selfsup_token_{port}={token}"}
+    ws = {"Connection": "Upgrade", "Upgrade": "websocket", "Sec-WebSocket-Version": "13",
+          "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}
+    try:
+        assert _status(port, "/_stcore/health") == 200  # the one endpoint open to all
+        upload = {"Content-Type": "application/octet-stream"}
+        for headers in ({}, {"Cookie": f"selfsup_token_{port}=wrong"}, {"Cookie": f"selfsup_token_1={token}"}):
+            for path in ("/", "/runs", "/?token=wrong", "/_stcore/host-config", "/static/js/index.js", "/media/x.png",
+                         "/component/x/index.html", "/_stcore/bidi-components/x", "/_stcore/metrics"):
+                assert _status(port, path, headers=headers) == 403, (path, headers)
+            assert _status(port, "/_stcore/stream", headers={**headers, **ws}) == 403, headers
+            assert _status(port, "/_stcore/upload_file/s/f", "PUT", {**headers, **upload}, b"x" * 10**6) == 403
+        # the token in the address sets the cookie; the cookie alone then opens the rest
+        assert _status(port, f"/?token={token}") == 200
+        assert _status(port, "/_stcore/host-config", headers=cookie) == 200
+        assert _status(port, "/_stcore/stream", headers={**cookie, **ws}) == 101
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 143 and _gone(streamlit)
+        proc, port, token, streamlit = _start(tmp_path)
+        proc.send_signal(signal.SIGHUP)
+        assert proc.wait(30) == 129 and _gone(streamlit)
+        proc, port, token, streamlit = _start(tmp_path)
+        proc.kill()  # no chance to clean up: the kernel tells Streamlit its parent died
+        proc.wait()
+        assert _gone(streamlit)
+    finally:  # a failure, but nothing left running
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        with contextlib.suppress(psutil.NoSuchProcess):
+            psutil.Process(streamlit).kill()
+
+
 def test_an_uploaded_picture_becomes_the_runs_kind_of_image():
     import io
 
@@ -262,3 +338,16 @@ def test_an_uploaded_picture_becomes_the_runs_kind_of_image():
     assert grey.shape == (1, 5, 7) and grey.dtype == rgb.dtype
     with pytest.raises(Exception):
         decode_upload(b"not a picture", 3)
+
+
+def test_text_from_storage_is_shown_as_text_never_as_markdown(tmp_path):
+    """A markdown image in a run's summary.json would make the viewer's browser fetch its URL."""
+    import json
+
+    evil = "![x](http://127.0.0.1:9/x.png) <img src=http://127.0.0.1:9/y.png>"
+    (tmp_path / "evil").mkdir()
+    (tmp_path / "evil" / "summary.json").write_text(json.dumps(
+        {"status": "failed", "error": evil, "method": "simclr", "backbone": "resnet18", "started": "2026-12-01T00:00:00Z"}))
+    at = app(root=str(tmp_path))
+    shown = [e.value for e in at.error]
+    assert shown == [dashboard.plain(f"evil: {evil}")] and shown[0].startswith("evil: \\!\\[x\\]\\(http")

@@ -111,7 +111,7 @@ def test_a_flipped_png_byte_is_an_error_not_a_crash(tiny_npz):
 import io, random, sys, zlib
 import numpy as np
 from PIL import Image
-from selfsup.pipelines.streaming import decode_image
+from selfsup.pipelines.decode import decode_image
 rng, random_ = np.random.default_rng(0), random.Random(0)
 outcome = {"raised": 0, "decoded": 0}
 for trial in range(300):

@@ -130,7 +130,7 @@ def test_the_pyarrow_filesystem_keeps_its_retries_when_pickled_to_a_ray_worker()
 def test_only_failures_a_restart_can_fix_are_retried():
     from ray.exceptions import ActorDiedError
 
-    from selfsup.pipelines.streaming import CorruptShard
+    from selfsup.pipelines.decode import CorruptShard
     from selfsup.platform.train_loop import Diverged
     from selfsup.platform.trainer import unrecoverable
 

@@ -136,6 +136,10 @@ def test_embedded_server_serves_data_only_through_s3_with_keys(tmp_path):
         no_cert.check_hostname, no_cert.verify_mode = False, ssl.CERT_NONE
         assert _http(f"http://127.0.0.1:{master}/col/delete?collection=private")[0] == 400
         assert _http(f"https://127.0.0.1:{master}/col/delete?collection=private", context=no_cert)[0] == "SSLError"
+        # So does the volume server's: its /status would list the buckets, object counts and sizes.
+        volume = ports["volume.port"]
+        assert _http(f"http://127.0.0.1:{volume}/status")[0] == 400
+        assert _http(f"https://127.0.0.1:{volume}/status", context=no_cert)[0] == "SSLError"
         # Every gRPC port: mutual TLS, so a client without the certificate gets no further than the handshake.
         for flag in ("master.port.grpc", "volume.port.grpc", "filer.port.grpc", "s3.port.grpc", "admin.port.grpc"):
             with socket.create_connection(("127.0.0.1", ports[flag]), timeout=5) as raw:
@@ -191,3 +195,35 @@ def test_down_and_status_never_take_another_process_for_the_server(tmp_path):
     finally:
         other.kill()
         other.wait()
+
+
+def test_sockets_another_user_squats_and_a_rewritten_server_json_stop_nothing(tmp_path):
+    """weed's gRPC sockets sit at fixed names in /tmp, from its ports: another user who creates them
+    first would keep it from starting. `up` moves to ports whose names are free. And `down` stops
+    the server that holds server.lock, whatever server.json says."""
+    import json
+
+    if os.geteuid() != 0:
+        pytest.skip("a file owned by another user needs root to make (CI runs as root)")
+    server = EmbeddedS3(tmp_path)
+    server.up()
+    ports = server._state()["ports"]
+    assert server.down()
+    squats = [Path(f"/tmp/seaweedfs-{svc}-grpc-{port}.sock") for svc in ("master", "filer") for port in ports.values()]
+    try:
+        for path in squats:
+            path.write_bytes(b"")
+            os.chown(path, 65534, 65534)  # nobody's (the test runs as root, as CI does)
+        ep = server.up()
+        assert open_store("s3://squat/x", ep, create=True).list() == []
+        moved = server._state()["ports"]
+        assert not set(moved.values()) & set(ports.values())
+        pid = server._state()["pid"]
+        server.state_file.write_text(json.dumps({"pid": 1, "ports": moved, "data": str(server.data)}))
+        assert server.down() and server._lock_holder() is None
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    finally:
+        server.down()
+        for path in squats:
+            path.unlink(missing_ok=True)

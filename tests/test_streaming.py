@@ -7,8 +7,8 @@ from selfsup.pipelines.endpoints import resolve_endpoint
 from selfsup.pipelines.shards import ShardOptions, write_shards
 from selfsup.pipelines.sources import open_source
 from selfsup.pipelines.storage import open_store
-from selfsup.pipelines.streaming import (CorruptShard, data_health_actor, read_split, shard_samples, stream_owner_actor,
-                                         tar_members)
+from selfsup.pipelines.decode import CorruptShard, shard_samples, tar_members
+from selfsup.pipelines.streaming import data_health_actor, read_split, stream_owner_actor
 from selfsup.pipelines.views import Augment, MultiCrop, TwoViews
 
 

@@ -149,11 +149,12 @@ def test_a_sweep_killed_mid_way_continues_on_rerun_and_asha_stops_the_worse_tria
     # the console is ours: none of Tune's experiment table, result paths or TensorBoard hints
     assert not any(s in r.stdout + r.stderr for s in ("Configuration for experiment", "View detailed results", "tensorboard"))
 
-    # the best config trains as it is (a new run under the base config's root)
-    best = tmp_path / "best.yaml"
-    best.write_bytes(store.read("best.yaml"))
-    assert load_config(str(best)).eval.temperature == 0.07
-    assert main(["train", str(best), "schedule.steps=1", "storage.name=from-best"]) == 0
+    # the best config trains as it is, straight from storage, as `sweeps show` says (a new run under
+    # the base config's root)
+    best = f"{ROOT}/sw/best.yaml"
+    assert load_config(best).eval.temperature == 0.07
+    assert f"its config: {best}" in r.stdout
+    assert main(["train", best, "schedule.steps=1", "storage.name=from-best"]) == 0
     assert read_summary(open_store(f"{ROOT}/from-best"))["status"] == "finished"
     # trials read like any run, and the sweep reads back
     assert main(["runs", "show", f"sw/{sweep['best']}", "--root", ROOT]) == 0

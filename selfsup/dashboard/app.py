@@ -12,7 +12,7 @@ import os
 
 import streamlit as st
 
-from selfsup.dashboard import TOKEN_ENV
+from selfsup.dashboard import TOKEN_ENV, plain
 from selfsup.dashboard.data import root
 from selfsup.pipelines.endpoints import StorageError
 
@@ -43,4 +43,4 @@ st.sidebar.caption(f"runs under `{root()}`")
 try:
     nav.run()
 except StorageError as e:  # storage away, a run unreadable: one line, and the page stays up
-    st.error(" ".join(str(e).split()))
+    st.error(plain(" ".join(str(e).split())))

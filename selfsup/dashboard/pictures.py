@@ -11,9 +11,13 @@ import torch.nn.functional as F
 
 
 def decode_upload(data: bytes, channels: int) -> torch.Tensor:
-    """An uploaded picture as uint8 (C, H, W) with the run's number of channels."""
+    """An uploaded picture as uint8 (C, H, W) with the run's number of channels. Damaged images and
+    images over the pixel cap raise before they are decoded."""
     from PIL import Image
 
+    from selfsup.pipelines.decode import check_pixels
+
+    check_pixels(data)
     img = Image.open(io.BytesIO(data))
     img = img.convert("L" if channels == 1 else "RGB")
     return torch.from_numpy(np.asarray(img).copy()).reshape(img.height, img.width, -1).permute(2, 0, 1)

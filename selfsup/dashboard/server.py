@@ -1,9 +1,10 @@
 """`selfsup dashboard`: start the Streamlit app on 127.0.0.1 (unless --address says otherwise) with
-a fresh access token, print the one address that opens it, and stop it on Ctrl-C.
+a fresh access token, print the one address that opens it, and stop it on Ctrl-C, SIGTERM or
+SIGHUP; Streamlit also ends when this process dies (the kernel's parent-death signal).
 
 The token goes to Streamlit in its environment (readable by this user only, unlike a command line)
-and to the browser in the printed URL. Streamlit's own output goes to a private log under
-$SELFSUP_HOME/dashboard/, not to the console."""
+and to the browser in the printed URL; every request but the health check must carry it (gate.py).
+Streamlit's own output goes to a private log under $SELFSUP_HOME/dashboard/, not to the console."""
 
 from __future__ import annotations
 
@@ -17,12 +18,25 @@ import sys
 import time
 import urllib.request
 
-from selfsup.dashboard import ROOT_ENV, TOKEN_ENV  # not data.py: Streamlit's caches warn outside the app
+from selfsup.dashboard import PORT_ENV, ROOT_ENV, TOKEN_ENV  # not data.py: Streamlit's caches warn outside the app
 from selfsup.pipelines.seaweed import selfsup_home
-from selfsup.platform.cli import UsageError
 
-APP = os.path.join(os.path.dirname(os.path.abspath(__file__)), "app.py")
+APP = os.path.join(os.path.dirname(os.path.abspath(__file__)), "asgi.py")
 START_TIMEOUT_S = 60
+# MB: the one upload there is, a picture for the Attention page
+MAX_UPLOAD_MB = 8
+PR_SET_PDEATHSIG = 1
+
+
+class DashboardError(ValueError):
+    """The dashboard cannot start as asked (a port taken, a root it cannot read): one line, exit 2."""
+
+
+class Stopped(BaseException):
+    """SIGTERM or SIGHUP reached `selfsup dashboard`: the exit code it ends with."""
+
+    def __init__(self, code: int):
+        self.code = code
 
 
 def _wildcard(address: str) -> bool:
@@ -38,7 +52,7 @@ def _check_port(address: str, port: int) -> None:
         try:
             s.bind((address, port))
         except OSError as e:
-            raise UsageError(f"the dashboard cannot listen on {address}:{port} ({e.strerror or e}): "
+            raise DashboardError(f"the dashboard cannot listen on {address}:{port} ({e.strerror or e}): "
                                "choose another --port") from None
 
 
@@ -51,12 +65,14 @@ def start(root: str, port: int, address: str = "127.0.0.1") -> tuple[subprocess.
     os.chmod(logs, 0o700)
     log_path = logs / f"streamlit-{port}.log"
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    env = {**os.environ, ROOT_ENV: root, TOKEN_ENV: token}
+    env = {**os.environ, ROOT_ENV: root, TOKEN_ENV: token, PORT_ENV: str(port)}
     cmd = [sys.executable, "-m", "streamlit", "run", APP, "--server.address", address, "--server.port", str(port),
            "--server.headless", "true", "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none",
-           "--client.toolbarMode", "viewer", "--global.developmentMode", "false"]
+           "--client.toolbarMode", "viewer", "--global.developmentMode", "false",
+           "--server.maxUploadSize", str(MAX_UPLOAD_MB)]
     with os.fdopen(fd, "w") as out:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=_die_with_parent)
     host = "127.0.0.1" if _wildcard(address) else address  # ask the health check on loopback then
     deadline = time.monotonic() + START_TIMEOUT_S
     while True:
@@ -74,6 +90,13 @@ def start(root: str, port: int, address: str = "127.0.0.1") -> tuple[subprocess.
     return proc, f"http://{host}:{port}/?token={token}", str(log_path)
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the process that started it dies, however it dies."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def stop(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGTERM)
@@ -85,19 +108,32 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 def serve(root: str, port: int, address: str = "127.0.0.1", log=print) -> int:
-    from selfsup.pipelines.endpoints import resolve_endpoint
-    from selfsup.pipelines.storage import is_s3
+    from selfsup.pipelines.endpoints import StorageError, resolve_endpoint
+    from selfsup.pipelines.storage import is_s3, open_store
 
     if is_s3(root):  # the endpoint now, as every command does (the embedded server starts if it is the one)
         resolve_endpoint()
+    try:
+        open_store(root)  # a location the pages can read (not http://, say), checked before Streamlit starts
+    except StorageError as e:
+        raise DashboardError(f"--root: {e}") from None
     proc, url, log_path = start(root, port, address)
     log(f"dashboard of {root}: {url}")
     log(f"(the token in the address is the only way in; Streamlit's log: {log_path}; Ctrl-C stops it)")
+
+    def ends(signum, frame):
+        raise Stopped(128 + signum)
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, ends)
     try:
         code = proc.wait()
     except KeyboardInterrupt:
         stop(proc)
         return 130
+    except Stopped as e:
+        stop(proc)
+        return e.code
     if code:
         raise RuntimeError(f"the dashboard stopped with exit code {code}; log: {log_path}")
     return 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from selfsup.dashboard import data, pictures
+from selfsup.dashboard import data, pictures, plain
 
 
 def pick_model(root: str, wanted=lambda summary: True, why: str = "runs"):
@@ -25,7 +25,7 @@ def pick_model(root: str, wanted=lambda summary: True, why: str = "runs"):
     try:
         cfg, method, used = data.model(root, name, ckpt)
     except Exception as e:  # a page shows why, in one line, and stays up
-        st.error(f"{name} {ckpt}: {type(e).__name__}: {e}")
+        st.error(plain(f"{name} {ckpt}: {type(e).__name__}: {e}"))
         st.stop()
     return name, cfg, method, used
 
@@ -41,7 +41,7 @@ def pick_images(cfg, key: str, allow_upload: bool = True):
         try:
             return pictures.decode_upload(up.getvalue(), cfg.model.in_chans), up.name
         except Exception as e:
-            st.error(f"{up.name} is not an image this page can read ({type(e).__name__})")
+            st.error(plain(f"{up.name} is not an image this page can read ({type(e).__name__}: {e})"))
             st.stop()
     images, labels, classes = data.labeled(cfg.data.uri, cfg.eval.test_split, 500, cfg.data.seed)
     i = st.number_input(f"test image (0-{len(images) - 1})", 0, len(images) - 1, 0, key=f"{key}-index")

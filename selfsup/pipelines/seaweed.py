@@ -42,6 +42,7 @@ PORT_FLAGS = (
 # (and logging) every few seconds forever.
 ADMIN_GRPC_OFFSET = 10000
 FLOCK, LOCK_CONFLICT = "flock", 75  # util-linux's flock(1), in every Debian (Essential)
+GRPC_SOCKET_SERVICES = ("master", "volume", "filer", "s3", "admin")
 GRPC_COMPONENTS = ("master", "volume", "filer", "s3", "admin", "worker", "msg_broker", "msg_agent", "mq", "client")
 
 
@@ -158,8 +159,44 @@ def _security_toml(tls: Path) -> str:
     lines += ["[access]", "ui = false", "", "[grpc]", f'ca = "{tls / "ca.crt"}"', ""]
     for comp in GRPC_COMPONENTS:
         lines += [f"[grpc.{comp}]", f'cert = "{tls / "tls.crt"}"', f'key = "{tls / "tls.key"}"', ""]
-    lines += ["[https.master]", f'cert = "{tls / "tls.crt"}"', f'key = "{tls / "tls.key"}"', f'ca = "{tls / "ca.crt"}"', ""]
+    # TLS with client certificates on the master's and the volume server's HTTP (the volume's
+    # /status lists buckets, object counts and sizes to anyone), and weed's own clients use them
+    for server in ("master", "volume"):
+        lines += [f"[https.{server}]", f'cert = "{tls / "tls.crt"}"', f'key = "{tls / "tls.key"}"',
+                  f'ca = "{tls / "ca.crt"}"', ""]
+    lines += ["[https.client]", "enabled = true", f'cert = "{tls / "tls.crt"}"', f'key = "{tls / "tls.key"}"',
+              f'ca = "{tls / "ca.crt"}"', ""]
     return "\n".join(lines)
+
+
+def _sockets(port: int) -> list[Path]:
+    """The gRPC unix sockets of weed's services on `port`: at fixed names in /tmp, which weed 4.48
+    takes from no flag and no TMPDIR."""
+    return [Path(f"/tmp/seaweedfs-{svc}-grpc-{port}.sock") for svc in GRPC_SOCKET_SERVICES]
+
+
+def _squatted(ports: dict[str, int]) -> Path | None:
+    """A socket path of these ports that another user holds (weed would fail to bind it and S3
+    would never start); our own leftovers from a killed server are removed."""
+    for port in ports.values():
+        for path in _sockets(port):
+            try:
+                owner = path.lstat().st_uid
+            except FileNotFoundError:
+                continue
+            except OSError:
+                return path
+            if owner != os.getuid():
+                return path
+            with contextlib.suppress(OSError):
+                path.unlink()  # ours, and no server of ours is running (up checked server.lock)
+    return None
+
+
+def _ports_in(cmd: list[str]) -> dict[str, int]:
+    """weed's ports from its command line (-flag=port)."""
+    args = dict(a[1:].split("=", 1) for a in cmd if a.startswith("-") and "=" in a)
+    return {f: int(args[f]) for f in PORT_FLAGS if args.get(f, "").isdigit()}
 
 
 def _cmdline(pid: int) -> list[str]:
@@ -276,11 +313,13 @@ class EmbeddedS3:
         _write_private(self.env_file, _exports(ep).encode())
 
     def _security(self) -> None:
-        tls = self.root / "tls"
-        if not (tls / "tls.key").exists() or not (self.root / "security.toml").exists():
+        tls, toml = self.root / "tls", self.root / "security.toml"
+        if not (tls / "tls.key").exists() or not toml.exists():
             tls.mkdir(mode=0o700, exist_ok=True)
             _make_tls(tls)
-            _write_private(self.root / "security.toml", _security_toml(tls).encode())
+            _write_private(toml, _security_toml(tls).encode())
+        elif "[https.volume]" not in toml.read_text():  # written before the volume server's TLS
+            _write_private(toml, _security_toml(tls).encode())
 
     # -- lifecycle ---------------------------------------------------------------------------
     def up(self, timeout: float = 60.0) -> Endpoint:
@@ -298,9 +337,16 @@ class EmbeddedS3:
                                f"is held by pid {holder} ({' '.join(_cmdline(holder))[:80] or 'not ours'})")
         # Last time's ports when still free: an exported `storage env` stays valid.
         ports = self._ports()
-        if not ports or not all(_port_free(p) for p in ports.values()):
-            ports = _choose_ports()
+        if not ports or not all(_port_free(p) for p in ports.values()) or _squatted(ports):
+            for _ in range(5):
+                ports = _choose_ports()
+                if not _squatted(ports):
+                    break
             _write_private(self.ports_file, json.dumps(ports).encode())
+        squat = _squatted(ports)
+        if squat:
+            raise StorageError(f"{squat} belongs to another user: weed creates its gRPC socket at that fixed path "
+                               "and cannot start; ask them (or root) to remove it")
         proc = self._spawn(creds, ports)
         ep = Endpoint(f"http://127.0.0.1:{ports['s3.port']}", creds["access_key"], creds["secret_key"])
         self._wait_ready(ep, proc, timeout)
@@ -364,6 +410,9 @@ class EmbeddedS3:
         Only a process that is weed serving this data dir and holding server.lock is signalled:
         a stale server.json whose pid now belongs to another process leaves that process alone."""
         st = self._running_state()
+        holder = self._lock_holder()
+        if not st and holder is not None and self._is_ours(holder):  # server.json lost or rewritten: the lock tells
+            st = {"pid": holder, "ports": _ports_in(_cmdline(holder))}
         if not st:
             stale = self._state()
             if stale and not _alive(stale["pid"]):  # killed outright: its sockets are still ours to clean
@@ -395,7 +444,7 @@ class EmbeddedS3:
     def _remove_sockets(state: dict) -> None:
         # weed leaves its gRPC unix sockets in /tmp (mode 0700 under our umask); ours to clean.
         for port in state.get("ports", {}).values():
-            for sock in Path("/tmp").glob(f"seaweedfs-*-grpc-{port}.sock"):
+            for sock in _sockets(port):
                 with contextlib.suppress(OSError):
                     if sock.lstat().st_uid == os.getuid():
                         sock.unlink()

@@ -23,8 +23,10 @@ import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
+from selfsup.pipelines.decode import CorruptShard, shard_samples
 from selfsup.pipelines.sources import Source, SourceError, UnreadableImage
 from selfsup.pipelines.endpoints import Endpoint, StorageError
+from selfsup.pipelines.locks import Lock, locked
 from selfsup.pipelines.storage import Store, check_key, open_store
 
 FORMAT = "selfsup-webdataset"
@@ -97,15 +99,21 @@ def _shard_entries(m: dict, where: str) -> list[dict]:
 
 def write_shards(source: Source, dest: str, opts: ShardOptions, ep: Endpoint | None = None,
                  progress: bool = True, log=print) -> dict:
-    """Shard `source` into `dest`; resumes a previous run of the same plan. Returns the manifest."""
-    from tqdm import tqdm
-
+    """Shard `source` into `dest`; resumes a previous run of the same plan. Returns the manifest.
+    One writer at a time: a second one fails naming the first (locks.py)."""
     store = open_store(dest, ep, create=True)
     fmt = opts.fmt or ("png" if source.mode == "L" else "jpg")
     if fmt not in ("png", "jpg"):
         raise ValueError(f"image format {fmt!r} is not one of png, jpg")
     if opts.samples_per_shard < 1:
         raise ValueError(f"samples per shard must be >= 1, got {opts.samples_per_shard}")
+    with locked(store, "selfsup shard") as lock:
+        return _write(source, store, fmt, opts, lock, progress, log)
+
+
+def _write(source: Source, store: Store, fmt: str, opts: ShardOptions, lock: Lock, progress: bool, log) -> dict:
+    from tqdm import tqdm
+
     plan = _plan_id(source, fmt, opts)
 
     done: dict[str, dict] = {}
@@ -218,6 +226,12 @@ def write_shards(source: Source, dest: str, opts: ShardOptions, ep: Endpoint | N
         "splits": splits,
         "skipped": [s for r in results.values() for s in r.get("skipped", [])],
     }
+    lock.check()
+    for split in splits.values():  # what the manifest says is what DEST holds
+        for shard in split["shards"]:
+            if store.sha256(shard["path"]) != shard["sha256"]:
+                raise StorageError(f"{store.url(shard['path'])} does not match the shard written (another writer?): "
+                                   "the manifest is not written; shard again")
     store.write(MANIFEST, json.dumps(manifest, indent=1).encode())
     store.delete(PROGRESS)
     return manifest
@@ -239,7 +253,6 @@ def count_samples(data: bytes) -> int:
 def verify(dest: str, ep: Endpoint | None = None, workers: int = 8, decode: bool = False) -> tuple[dict, list[str]]:
     """Re-read every shard the manifest lists; return (manifest, one line per bad shard). With
     `decode`, also decode every image (a sha256 taken after the damage cannot see it)."""
-    from selfsup.pipelines.streaming import CorruptShard, shard_samples
 
     store = open_store(dest, ep)
     manifest = load_manifest(dest, store=store)

@@ -20,10 +20,15 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
+from selfsup.pipelines.decode import max_pixels
+
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 ]
+# Labels are class indices: without class names, more classes than this is a mistake (a label
+# of 3*10^8 built a class list that long).
+MAX_CLASSES = 100_000
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 
 
@@ -109,9 +114,26 @@ def npz(path: Path, holdout: float) -> Source:
     if labels.min() < 0:
         raise SourceError(f"{path}: labels must be >= 0 (class indices), found {int(labels.min())}")
     if images.dtype != np.uint8 or images.ndim not in (3, 4) or len(images) != len(labels):
-        raise SourceError(f"{path}: `images` must be uint8 (N,H,W) or (N,H,W,3) matching `labels` (N,); "
+        raise SourceError(f"{path}: `images` must be uint8 (N,H,W) or (N,H,W,C) matching `labels` (N,); "
                           f"got {images.dtype} {images.shape} and {labels.shape}")
-    names = [str(c) for c in data["class_names"]] if "class_names" in data else [str(i) for i in range(int(labels.max()) + 1)]
+    if images.ndim == 4:
+        channels = images.shape[3]
+        if channels not in (1, 2, 3, 4):
+            raise SourceError(f"{path}: `images` has {channels} channels; give 1 (grey), 3 (RGB) or 4 (RGBA)")
+        # grey or RGB, without alpha
+        images = images[..., 0] if channels in (1, 2) else images[..., :3]
+    if 0 in images.shape[1:3]:
+        raise SourceError(f"{path}: `images` are of size {images.shape[1]}x{images.shape[2]}")
+    top = int(labels.max())
+    if "class_names" in data:
+        names = [str(c) for c in data["class_names"]]
+        if top >= len(names):
+            raise SourceError(f"{path}: label {top} has no class name (`class_names` holds {len(names)})")
+    elif top >= MAX_CLASSES:
+        raise SourceError(f"{path}: labels reach {top}, more than {MAX_CLASSES} classes: are they class "
+                          "indices? Give `class_names` for that many")
+    else:
+        names = [str(i) for i in range(top + 1)]
     items = [Item(str(i), int(y)) for i, y in enumerate(labels)]
     h = hashlib.sha256(images.tobytes()).hexdigest()[:16]
 
@@ -155,13 +177,30 @@ def image_folder(path: Path, holdout: float) -> Source:
                 if fmt == "jpg" and im.format == "JPEG" and im.mode == mode:
                     im.load()
                     return Path(item.ref).read_bytes()
-                arr = np.asarray(im.convert(mode))
+                if im.width * im.height > max_pixels():
+                    raise ValueError(f"{im.width}x{im.height} is over the cap of {max_pixels()} pixels "
+                                     "(SELFSUP_MAX_IMAGE_PIXELS)")
+                arr = np.asarray(_eight_bit(im).convert(mode))
         except Exception as e:
             raise UnreadableImage(f"{item.ref}: {type(e).__name__}: {e}") from None
         return encode_array(arr, fmt, quality)
 
     size = sizes.pop() if len(sizes) == 1 else None
     return Source(f"imagefolder:{path}", classes, _holdout(items, holdout), mode, size, h.hexdigest()[:16], encode)
+
+
+def _eight_bit(im: Image.Image) -> Image.Image:
+    """16-bit grey scaled to 8 bits (PIL's convert clips it: a 16-bit image came out almost white);
+    a float or 32-bit image is refused, naming its mode, since its range is unknown."""
+    if im.mode.startswith("I;16"):
+        return Image.fromarray((np.asarray(im, dtype=np.uint16) >> 8).astype(np.uint8))
+    if im.mode in ("I", "F"):
+        arr = np.asarray(im)
+        if im.mode == "I" and arr.min() >= 0 and arr.max() < 65536:  # how PIL opens some 16-bit files
+            return Image.fromarray((arr >> 8).astype(np.uint8))
+        raise ValueError(f"image mode {im.mode} ({'float' if im.mode == 'F' else '32-bit integer'} pixels) "
+                         "has no known range: give 8- or 16-bit images")
+    return im
 
 
 def _holdout(items: list[Item], fraction: float) -> dict[str, list[Item]]:

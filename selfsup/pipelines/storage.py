@@ -54,6 +54,7 @@ class Store:
 
     def read(self, key: str) -> bytes: ...
     def write(self, key: str, data: bytes, metadata: dict[str, str] | None = None) -> None: ...
+    def create(self, key: str, data: bytes) -> bool: ...  # write only if absent, atomically: False if present
     def upload(self, key: str, fileobj, metadata: dict[str, str] | None = None) -> None: ...
     def exists(self, key: str) -> bool: ...
     def sha256(self, key: str) -> str | None: ...
@@ -85,17 +86,35 @@ class LocalStore(Store):
     def write(self, key, data, metadata=None):
         self.upload(key, io.BytesIO(data), metadata)
 
+    def create(self, key, data):
+        path = self._p(key)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            return False
+        except OSError as e:
+            raise StorageError(f"cannot write {self.url(key)}: {e.strerror or e}") from None
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        return True
+
     def upload(self, key, fileobj, metadata=None):
         # Write then rename: a reader never sees half a file, an interrupt leaves none.
         path = self._p(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        except OSError as e:
+            raise StorageError(f"cannot write {self.url(key)}: {e.strerror or e}") from None
         try:
             with os.fdopen(fd, "wb") as f:
                 shutil.copyfileobj(fileobj, f)
             os.replace(tmp, path)
-        except BaseException:
+        except BaseException as e:
             Path(tmp).unlink(missing_ok=True)
+            if isinstance(e, OSError):  # a full disk, say: one line naming the file
+                raise StorageError(f"cannot write {self.url(key)}: {e.strerror or e}") from None
             raise
 
     def exists(self, key):
@@ -185,6 +204,19 @@ class S3Store(Store):
 
     def write(self, key, data, metadata=None):
         self.upload(key, io.BytesIO(data), metadata)
+
+    def create(self, key, data):
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:  # a conditional put: the server refuses it when the key exists
+            self.client.put_object(Bucket=self.bucket, Key=self._k(key), Body=data, IfNoneMatch="*")
+            return True
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
+                return False
+            raise explain(e, self.ep, f"writing {self.url(key)}") from None
+        except BotoCoreError as e:
+            raise explain(e, self.ep, f"writing {self.url(key)}") from None
 
     def upload(self, key, fileobj, metadata=None):
         # boto3's managed transfer: multipart above 8 MiB, parts in parallel, retried.

@@ -17,18 +17,14 @@ instead, naming the shard.
 
 from __future__ import annotations
 
-import hashlib
-import io
 import logging
 import os
-import struct
-import tarfile
 import warnings
-import zlib
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from selfsup.pipelines.decode import CorruptShard, shard_samples
 from selfsup.pipelines.shards import load_manifest
 from selfsup.pipelines.endpoints import Endpoint
 from selfsup.pipelines.storage import fs_and_path, is_s3
@@ -42,128 +38,6 @@ log = logging.getLogger("selfsup.data")
 # Ray Data retries a task whose worker died forever by default; a process that crashes on some
 # input must fail the read after a few tries instead of hanging the run.
 DATA_TASK_RETRIES = 3
-
-
-class CorruptShard(RuntimeError):
-    pass
-
-
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}
-
-
-def check_png(data: bytes) -> None:
-    """Raise ValueError unless a PNG's chunks, CRCs, compressed stream and scanline filters are
-    intact. torchvision 0.29's libpng decoder segfaults on some damaged PNGs (one flipped byte in
-    the image data takes the process down); this check stops them first at a small fraction of
-    the decode time, so a bad image is an error, not a crash."""
-    pos, n, ihdr, idat = 8, len(data), None, []
-    while True:
-        if pos + 12 > n:
-            raise ValueError("PNG ends before its IEND chunk (truncated)")
-        size = int.from_bytes(data[pos:pos + 4], "big")
-        end = pos + 12 + size
-        if end > n:
-            raise ValueError("PNG chunk runs past the end of the data (truncated)")
-        kind = data[pos + 4:pos + 8]
-        if zlib.crc32(data[pos + 4:pos + 8 + size]) != int.from_bytes(data[end - 4:end], "big"):
-            raise ValueError(f"PNG chunk {kind!r} fails its CRC (corrupt)")
-        if kind == b"IHDR":
-            ihdr = data[pos + 8:pos + 8 + size]
-        elif kind == b"IDAT":
-            idat.append(data[pos + 8:pos + 8 + size])
-        elif kind == b"IEND":
-            break
-        pos = end
-    if ihdr is None or len(ihdr) != 13 or not idat:
-        raise ValueError("PNG lacks its IHDR or IDAT chunk")
-    w, h, depth, ctype, _, _, interlace = struct.unpack(">IIBBBBB", ihdr)
-    if ctype not in _CHANNELS or depth not in (1, 2, 4, 8, 16) or not w or not h:
-        raise ValueError(f"PNG header is invalid ({w}x{h}, colour type {ctype}, bit depth {depth})")
-    stride = 1 + (w * _CHANNELS[ctype] * depth + 7) // 8
-    stream = zlib.decompressobj()
-    try:  # at most what the header allows (interlacing adds a filter byte per pass and row)
-        raw = stream.decompress(b"".join(idat), 2 * h * stride + 64)
-    except zlib.error as e:
-        raise ValueError(f"PNG image data is corrupt ({e})") from None
-    if not stream.eof:
-        raise ValueError("PNG image data is truncated or longer than its header says")
-    if not interlace and (len(raw) != h * stride or max(raw[::stride]) > 4):
-        raise ValueError("PNG image data does not match its header")
-
-
-def decode_image(data: bytes) -> torch.Tensor:
-    """PNG or JPEG bytes -> uint8 (C, H, W), C = 1 for grey, 3 for colour. Damaged bytes raise."""
-    import torch
-    from torchvision.io import ImageReadMode, decode_image as tv_decode  # 2.7x PIL's speed; pinned torchvision
-
-    if data[:8] == PNG_SIGNATURE:
-        check_png(data)
-    t = tv_decode(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.UNCHANGED)
-    if t.shape[0] == 4:  # RGBA: drop alpha
-        t = t[:3]
-    elif t.shape[0] == 2:  # grey + alpha
-        t = t[:1]
-    return t
-
-
-def tar_members(data: bytes):
-    """(name, bytes) of each regular file in a tar. Python's tarfile parses headers ten times
-    slower than decoding a small PNG takes; this reads plain ustar headers directly and hands
-    anything else (pax, GNU long names) to tarfile."""
-    pos, n = 0, len(data)
-    while pos + 512 <= n:
-        hdr = data[pos:pos + 512]
-        if hdr.count(0) == 512:  # end-of-archive block
-            return
-        kind = hdr[156:157]
-        if kind not in (b"0", b"\0", b"5"):
-            yield from _tarfile_members(data)
-            return
-        stored = int(hdr[148:156].split(b"\0")[0].strip() or b"0", 8)
-        if stored != sum(hdr) - sum(hdr[148:156]) + 256:
-            raise tarfile.TarError(f"bad header checksum at byte {pos}")
-        size = int(hdr[124:136].split(b"\0")[0].strip() or b"0", 8)
-        name = hdr[0:100].split(b"\0")[0].decode()
-        prefix = hdr[345:500].split(b"\0")[0].decode() if hdr[257:262] == b"ustar" else ""
-        start = pos + 512
-        if start + size > n:
-            raise tarfile.TarError(f"member {name!r} is truncated")
-        if kind != b"5":
-            yield (f"{prefix}/{name}" if prefix else name), data[start:start + size]
-        pos = start + (size + 511) // 512 * 512
-    raise tarfile.TarError("unexpected end of data: no end-of-archive marker (truncated?)")
-
-
-def _tarfile_members(data: bytes):
-    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
-        for m in tar:
-            if m.isfile():
-                yield m.name, tar.extractfile(m).read()
-
-
-def shard_samples(data: bytes, expected_sha256: str | None = None, name: str = "shard"):
-    """(indices, images, labels) of one shard's bytes. Raises CorruptShard naming the shard."""
-    if expected_sha256 is not None and hashlib.sha256(data).hexdigest() != expected_sha256:
-        raise CorruptShard(f"{name}: sha256 does not match the manifest (corrupt or replaced)")
-    samples: dict[str, dict[str, bytes]] = {}
-    try:
-        for member, content in tar_members(data):
-            key, _, ext = member.rpartition(".")
-            samples.setdefault(key, {})[ext] = content
-        idx, images, labels = [], [], []
-        for key, parts in samples.items():
-            img = parts.get("png") or parts.get("jpg") or parts.get("jpeg")
-            if img is None or "cls" not in parts:
-                raise CorruptShard(f"{name}: sample {key!r} lacks an image or a label")
-            idx.append(int(key.rpartition("_")[2]))
-            images.append(decode_image(img))
-            labels.append(int(parts["cls"]))
-    except CorruptShard:
-        raise
-    except Exception as e:  # tar, decode and int() failures alike
-        raise CorruptShard(f"{name}: {type(e).__name__}: {e}") from None
-    return idx, images, labels
 
 
 def _to_column(images: list[torch.Tensor]):

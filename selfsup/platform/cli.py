@@ -9,6 +9,7 @@ import sys
 
 DEFAULT_DATA = "s3://selfsup/datasets/fashion-mnist"
 DEFAULT_RUNS = "s3://selfsup/runs"
+PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg")  # what `data preview --out` writes
 
 
 class UsageError(ValueError):
@@ -179,9 +180,13 @@ def _data_preview(args) -> int:
     from selfsup.platform.preview import preview
 
     _positive("--samples", args.samples)
-    folder = Path(args.out).expanduser().absolute().parent
-    if not folder.is_dir():
-        raise UsageError(f"--out {args.out}: folder {folder} does not exist")
+    out = Path(args.out).expanduser().absolute()
+    if out.is_dir():
+        raise UsageError(f"--out {args.out} is a folder: name the picture to write (e.g. {out / 'views.png'})")
+    if not out.parent.is_dir():
+        raise UsageError(f"--out {args.out}: folder {out.parent} does not exist")
+    if out.suffix.lower() not in PICTURE_SUFFIXES:
+        raise UsageError(f"--out {args.out}: write a {', '.join(PICTURE_SUFFIXES)} file")
 
     n = preview(args.config, args.overrides, args.out, args.samples)
     print(f"wrote {args.out}: {n} views of {args.samples} samples")
@@ -205,9 +210,12 @@ def _tokenizer_fit(args) -> int:
 def _dashboard(args) -> int:
     if not 1 <= args.port <= 65535:
         raise UsageError(f"--port must be in 1..65535, got {args.port}")
-    from selfsup.dashboard.server import serve
+    from selfsup.dashboard.server import DashboardError, serve
 
-    return serve(args.root, args.port, args.address)
+    try:
+        return serve(args.root, args.port, args.address)
+    except DashboardError as e:
+        raise UsageError(str(e)) from None
 
 
 def _demo(args) -> int:

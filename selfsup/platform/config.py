@@ -275,28 +275,71 @@ def shipped_configs() -> dict[str, Path]:
     return {p.name[:-5]: Path(str(p)) for p in root.iterdir() if p.name.endswith(".yaml")}
 
 
-def load_config(path: str | None, overrides: list[str] = ()) -> Config:
-    """Load `path` (a file, or the name of a shipped config) and apply `key=value` overrides."""
-    tree: dict = {}
-    if path:
-        shipped = shipped_configs()
+# A config or search space is a page of keys: a longer file is a mistake or an attack.
+MAX_YAML_BYTES = 1 << 20
+
+
+class _NoAliases(yaml.SafeLoader):
+    """YAML without aliases: a 384-byte file of nested aliases (billion laughs) expands to gigabytes."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(None, None, f"aliases (*{event.anchor}) are not allowed",
+                                              event.start_mark)
+        return super().compose_node(parent, index)
+
+
+def load_yaml(text: str):
+    """Parse YAML text (no aliases, at most MAX_YAML_BYTES); YAMLError otherwise."""
+    if len(text) > MAX_YAML_BYTES:
+        raise yaml.YAMLError(f"it is {len(text):,} characters, more than the {MAX_YAML_BYTES:,} allowed")
+    return yaml.load(text, Loader=_NoAliases)
+
+
+def read_text(path: str, what: str, shipped: dict[str, Path]) -> tuple[str, str]:
+    """(where it was read, its text) of a file named by an s3:// URI, a local path or the name of a
+    shipped file, or a ConfigError naming it."""
+    from selfsup.pipelines.storage import is_s3, open_store
+
+    if is_s3(path):
+        parent, _, key = path.rstrip("/").rpartition("/")
+        try:
+            data = open_store(parent).read(key)
+        except FileNotFoundError:
+            raise ConfigError(f"{what} {path} not found") from None
+        where = path
+    else:
         p = Path(path)
         if not p.exists() and path in shipped:
             p = shipped[path]
         if not p.exists():
-            raise ConfigError(f"config {path!r} not found (shipped configs: {', '.join(sorted(shipped))})")
+            raise ConfigError(f"{what} {path!r} not found (shipped {what}s: {', '.join(sorted(shipped))})")
         if not p.is_file():
-            raise ConfigError(f"config {p} is not a file")
+            raise ConfigError(f"{what} {p} is not a file")
         try:
-            tree = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except UnicodeDecodeError:
-            raise ConfigError(f"config {p} is not UTF-8 text") from None
+            data = p.read_bytes()
         except OSError as e:
-            raise ConfigError(f"config {p} cannot be read: {e.strerror or e}") from None
+            raise ConfigError(f"{what} {p} cannot be read: {e.strerror or e}") from None
+        where = str(p)
+    try:
+        return where, data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what} {where} is not UTF-8 text") from None
+
+
+def load_config(path: str | None, overrides: list[str] = ()) -> Config:
+    """Load `path` (a file, an s3:// URI, or the name of a shipped config) and apply `key=value`
+    overrides."""
+    tree: dict = {}
+    if path:
+        where, text = read_text(path, "config", shipped_configs())
+        try:
+            tree = load_yaml(text) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"config {p} is not valid YAML: {_one_line(e)}") from None
+            raise ConfigError(f"config {where} is not valid YAML: {_one_line(e)}") from None
         if not isinstance(tree, dict):
-            raise ConfigError(f"config {p} must be a mapping of sections")
+            raise ConfigError(f"config {where} must be a mapping of sections")
     return configure(tree, overrides)
 
 
@@ -312,7 +355,7 @@ def configure(tree: dict, overrides: list[str] = ()) -> Config:
         if key in lengths:  # a run has one length: a new one replaces the file's
             tree["schedule"] = {k: v for k, v in (tree.get("schedule") or {}).items() if f"schedule.{k}" not in lengths}
         try:
-            value = yaml.safe_load(raw) if raw.strip() else None
+            value = load_yaml(raw) if raw.strip() else None
         except yaml.YAMLError as e:
             raise ConfigError(f"override {key}: value {raw!r} is not valid YAML ({_one_line(e)})") from None
         _set(tree, key, value)
@@ -330,7 +373,7 @@ def configure(tree: dict, overrides: list[str] = ()) -> Config:
 
 
 def _one_line(e: yaml.YAMLError) -> str:
-    return " ".join(str(e).split())
+    return " ".join(str(e).split())[:500]
 
 
 def validate(tree: dict) -> Config:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from selfsup.pipelines.endpoints import Endpoint
 from selfsup.pipelines.storage import open_store
-from selfsup.pipelines.streaming import CorruptShard, shard_samples
+from selfsup.pipelines.decode import CorruptShard, shard_samples
 from selfsup.pipelines.views import Plain, make_views, to_model_input
 from selfsup.pipelines.shards import load_manifest
 from selfsup.platform.checkpoints import read_checkpoint
@@ -134,12 +134,12 @@ def run_config(run_uri: str, ep: Endpoint | None = None):
     """The validated config a run was started with (RunError when there is no readable one)."""
     import yaml
 
-    from selfsup.platform.config import validate
+    from selfsup.platform.config import load_yaml, validate
     from selfsup.platform.runs import CONFIG
 
     store = open_store(run_uri, ep)
     try:
-        return validate(yaml.safe_load(store.read_text(CONFIG)))
+        return validate(load_yaml(store.read_text(CONFIG)))
     except FileNotFoundError:
         raise RunError(f"no run at {run_uri} ({CONFIG} not found)") from None
     except (yaml.YAMLError, UnicodeDecodeError, TypeError) as e:

@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from selfsup.pipelines.shards import load_manifest
 from selfsup.pipelines.endpoints import resolve_endpoint
 from selfsup.pipelines.storage import is_s3, open_store
-from selfsup.pipelines.streaming import shard_samples
+from selfsup.pipelines.decode import shard_samples
 from selfsup.pipelines.views import make_views
-from selfsup.platform.config import load_config
+from selfsup.platform.config import ConfigError, load_config
 
 
 def preview(config: str, overrides: list[str], out: str, samples: int = 8, seed: int = 0) -> int:
@@ -26,7 +26,11 @@ def view_grid(cfg, samples: int = 8, seed: int = 0, start: bool = True) -> tuple
     """(images (samples * views, 3, H, W) in [0, 1], views per sample) from the first train shard."""
     ep = resolve_endpoint(start) if is_s3(cfg.data.uri) else None
     store = open_store(cfg.data.uri, ep)
-    shard = load_manifest(cfg.data.uri, store=store)["splits"][cfg.data.train_split]["shards"][0]
+    splits = load_manifest(cfg.data.uri, store=store)["splits"]
+    if cfg.data.train_split not in splits:
+        raise ConfigError(f"data.train_split {cfg.data.train_split!r} is not a split of {cfg.data.uri} "
+                          f"(it has: {', '.join(sorted(splits))})")
+    shard = splits[cfg.data.train_split]["shards"][0]
     _, images, _ = shard_samples(store.read(shard["path"]), shard["sha256"], name=store.url(shard["path"]))
     views = make_views(images[:samples], cfg.data.views, torch.Generator().manual_seed(seed))
     imgs = [v for v in views.values() if v.dim() == 4]

@@ -108,6 +108,8 @@ def read_metrics(store: Store) -> list[dict]:
         text = store.read_text(METRICS)
     except FileNotFoundError:
         return []
+    except UnicodeDecodeError as e:
+        raise RunError(f"{store.url(METRICS)} is not UTF-8 text (byte {e.start}; corrupt file?)") from None
     rows = []
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
@@ -253,7 +255,10 @@ def read_sweep(store: Store) -> dict | None:
         return None
     except ValueError:
         s = None
-    if not isinstance(s, dict) or "spec" not in s:
+    spec = s.get("spec") if isinstance(s, dict) else None
+    if (not isinstance(spec, dict) or not isinstance(s.get("name"), str)
+            or not all(isinstance(spec.get(k), str) for k in ("metric", "mode", "searcher"))
+            or not isinstance(spec.get("space"), dict)):
         raise RunError(f"{store.url(SWEEP)} is not a sweep's state (corrupt file?)")
     return s
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +34,13 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from selfsup.methods import METHODS
 from selfsup.pipelines.endpoints import Endpoint, environ, resolve_endpoint
 from selfsup.pipelines.storage import Store, fs_and_path, is_s3, join, open_store
-from selfsup.platform.config import Config, ConfigError, load_config, to_yaml, validate
+from selfsup.platform.config import Config, ConfigError, load_config, load_yaml, read_text, to_yaml, validate
 from selfsup.platform.runs import (BEST, SPACE, SUMMARY, SWEEP, TRIAL, TRIALS, TUNE_DIR, best_trial, check_name,
                                    evals, now, read_metrics, read_summary, read_sweep, trials_csv, trials_of)
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
 SEARCHERS = ("grid", "random", "optuna")
+# More trials than this is a typo in a grid (10^9 points started without a word)
+MAX_TRIALS = 10_000
 # A trial's driver only waits on its Ray Train workers, so it takes no CPU: even 0.01 of one left
 # 0.99 of the spare CPU on a 2-CPU machine, and Ray Data's whole-CPU read tasks never started (seen).
 # Tune refuses a trial that asks for nothing; the driver's process does hold about 1 GiB.
@@ -62,21 +65,16 @@ def shipped_spaces() -> dict[str, Path]:
 
 
 def read_space(space: str | None, method: str) -> tuple[str, dict]:
-    """(name, entries) of a space file or shipped space (default: the method family's)."""
-    shipped = shipped_spaces()
-    space = space or FAMILY[method]
-    path = Path(space)
-    if not path.exists() and space in shipped:
-        path = shipped[space]
-    if not path.is_file():
-        raise SpaceError(f"space {space!r} not found (shipped spaces: {', '.join(sorted(shipped))})")
+    """(name, entries) of a space file (a local path or an s3:// URI) or shipped space (default: the
+    method family's)."""
+    where, text = read_text(space or FAMILY[method], "space", shipped_spaces())
     try:
-        tree = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise SpaceError(f"space {path} is not valid YAML: {' '.join(str(e).split())}") from None
+        tree = load_yaml(text)
+    except yaml.YAMLError as e:
+        raise SpaceError(f"space {where} is not valid YAML: {' '.join(str(e).split())[:500]}") from None
     if not isinstance(tree, dict) or not tree:
-        raise SpaceError(f"space {path} must be a mapping of entries (key: {{distribution: values}})")
-    return path.stem, tree
+        raise SpaceError(f"space {where} must be a mapping of entries (key: {{distribution: values}})")
+    return Path(where.rpartition("/")[2]).stem, tree
 
 
 def _parse_entry(label: str, spec: Any) -> dict:
@@ -237,6 +235,12 @@ class Progress(tune.Callback):
 
 
 # ------------------------------------------------------------------------------------ the sweep
+def reported_metrics(method: str) -> list[str]:
+    """What a run's evaluations report (train_loop's Evaluator): the backbone's kNN top-1, and that
+    of the teacher for a method that has one (DINO)."""
+    return ["knn_top1", *(["knn_top1_teacher"] if method == "dino" else [])]
+
+
 def sweep_name(config: str | None, space: str) -> str:
     """The default name: the same command names the same sweep, so rerunning it continues it."""
     stem = Path(config).stem if config else "default"
@@ -274,15 +278,23 @@ def tune_sweep(config: str | None, overrides: list[str], space: str | None = Non
     if searcher not in SEARCHERS:
         raise ConfigError(f"--searcher {searcher!r} is not one of {', '.join(SEARCHERS)}")
     param_space = sp.param_space(searcher)
-    samples = samples or (1 if searcher == "grid" else 8)
+    samples = (1 if searcher == "grid" else 8) if samples is None else samples
     if mode not in ("max", "min"):
         raise ConfigError(f"--mode {mode!r} is not max or min")
     if samples < 1 or grace_period < 1 or (max_concurrent is not None and max_concurrent < 1):
         raise ConfigError("--samples, --grace-period and --max-concurrent must be >= 1")
+    reported = reported_metrics(base.method.name)
+    if metric not in reported:
+        raise ConfigError(f"--metric {metric!r} is not reported by {base.method.name} runs (they report "
+                          f"{', '.join(reported)})")
+    trials = samples * math.prod(len(e["args"]) for e in sp.entries.values() if e["dist"] == "grid")
+    if trials > MAX_TRIALS:
+        raise ConfigError(f"the sweep would run {trials:,} trials (grid points x --samples), more than "
+                          f"{MAX_TRIALS:,}: shrink the grid or sample it (choice, --searcher random)")
     if base.eval.every_epochs is None:
         raise ConfigError("eval.every_epochs is null: trials report nothing before their end, so ASHA cannot "
                           "compare them; set it (e.g. eval.every_epochs=0.25)")
-    name = check_name(name or base.storage.name or sweep_name(config, space_name), "sweep")
+    name = check_name(name if name is not None else base.storage.name or sweep_name(config, space_name), "sweep")
     ep = resolve_endpoint() if is_s3(base.storage.root) or is_s3(base.data.uri) else None
     if ep is not None:
         ep = dataclasses.replace(ep, retry_s=base.storage.retry_s)

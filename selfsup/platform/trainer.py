@@ -46,7 +46,7 @@ def unrecoverable(errors: dict[int, BaseException], previous: str | None) -> str
     cause, None after progress). A worker or node that died is always retried."""
     from ray.exceptions import NodeDiedError, ObjectLostError, OutOfMemoryError, RayActorError, WorkerCrashedError
 
-    from selfsup.pipelines.streaming import CorruptShard
+    from selfsup.pipelines.decode import CorruptShard
     from selfsup.platform.train_loop import Diverged
 
     died = (RayActorError, WorkerCrashedError, NodeDiedError, OutOfMemoryError, ObjectLostError)
@@ -183,8 +183,10 @@ def ensure_ray(num_cpus: int | None = None) -> bool:
         return False
     # With the dashboard: Ray Train's placement-group cleaner polls the state API it serves and
     # logs a warning every second without it. It also lets users watch the run at :8265.
-    ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", _system_config=NODE_HEALTH,
-             **QUIET)
+    # address="local": with no address, ray.init joins the cluster named in Ray's temp dir
+    # (ray_current_cluster), which a cluster that died without `ray stop` leaves behind.
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+             _system_config=NODE_HEALTH, **QUIET)
     return True
 
 

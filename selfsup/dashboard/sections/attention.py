@@ -5,7 +5,7 @@ The maps are computed in the ViT wrapper (methods/vit.py)."""
 import streamlit as st
 import torch
 
-from selfsup.dashboard import data, pictures
+from selfsup.dashboard import data, pictures, plain
 from selfsup.dashboard.widgets import pick_images, pick_model
 from selfsup.methods.vit import as_vit, attention_masks, cls_attention
 
@@ -22,7 +22,7 @@ if hasattr(method, "teacher_backbone"):
 try:
     vit = as_vit(method.teacher_backbone if which == "teacher" else method.backbone)
 except ValueError as e:
-    st.error(str(e))
+    st.error(plain(e))
     st.stop()
 layer = c2.number_input("block (-1: the last)", -len(vit.blocks), -1, -1)
 keep = c3.slider("mask keeps this share of the attention", 0.1, 0.95, 0.6, 0.05)

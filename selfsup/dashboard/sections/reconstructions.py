@@ -4,7 +4,7 @@ run's own masking (strategy and ratio from its config)."""
 import streamlit as st
 import torch
 
-from selfsup.dashboard import data, pictures
+from selfsup.dashboard import data, pictures, plain
 from selfsup.dashboard.widgets import pick_model
 from selfsup.pipelines.views import make_views
 
@@ -26,7 +26,7 @@ x = pictures.model_input(cfg, images[:n], size)  # the whole image, not an augme
 try:
     out = method.reconstruct({"image": x, "mask": mask})
 except ValueError as e:  # MAE keeps the same number of patches per image: a random mask only
-    st.error(str(e))
+    st.error(plain(e))
     st.stop()
 
 

@@ -5,7 +5,7 @@ import altair as alt
 import pandas as pd
 import streamlit as st
 
-from selfsup.dashboard import data
+from selfsup.dashboard import data, plain
 
 # (column in metrics.jsonl, kind of row, chart title): elastic resizes show in `workers`
 CURVES = [("loss", "train", "loss"), ("knn_top1", "eval", "kNN top-1 (%)"), ("lr", "train", "learning rate"),
@@ -17,7 +17,7 @@ st.title("Runs")
 root = data.root()
 runs, bad = data.runs(root)
 for line in bad:
-    st.warning(line)
+    st.warning(plain(line))
 if not runs:
     st.info(f"No runs under `{root}` yet: `selfsup train CONFIG` (or `make demo`) starts one.")
     st.stop()
@@ -95,7 +95,7 @@ curves()
 first = selected[0]
 files = data.run_files(root, first)
 if files["summary"].get("error"):
-    st.error(f"{first}: {files['summary']['error']}")
+    st.error(plain(f"{first}: {files['summary']['error']}"))
 left, right = st.columns(2)
 with left.expander(f"config of {first}", expanded=False):
     st.code(files["config"] or "(no config.yaml)", language="yaml")

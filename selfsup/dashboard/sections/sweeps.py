@@ -5,7 +5,7 @@ import altair as alt
 import pandas as pd
 import streamlit as st
 
-from selfsup.dashboard import data
+from selfsup.dashboard import data, plain
 from selfsup.pipelines.storage import open_store
 from selfsup.platform.runs import BEST
 
@@ -13,7 +13,7 @@ st.title("Sweeps")
 root = data.root()
 sweeps, bad = data.sweeps(root)
 for line in bad:
-    st.warning(line)
+    st.warning(plain(line))
 if not sweeps:
     st.info(f"No sweeps under `{root}` yet: `selfsup tune CONFIG --space SPACE.yaml` starts one.")
     st.stop()
@@ -23,8 +23,8 @@ state = data.sweep(root, name)
 spec = state["spec"]
 metric, keys = spec["metric"], list(spec["space"])
 final = f"final_{metric}"
-st.caption(f"{state['status']} · searcher {spec['searcher']} · {metric} ({spec['mode']}) · "
-           f"{len(state['trials'])} trials · best: {state.get('best') or '-'}")
+st.caption(plain(f"{state['status']} · searcher {spec['searcher']} · {metric} ({spec['mode']}) · "
+                 f"{len(state['trials'])} trials · best: {state.get('best') or '-'}"))
 trials = pd.DataFrame([{"trial": t["trial"], "status": t["status"], "stopped early": t["stopped_early"],
                         "step": t["step"], final: t[final], f"best_{metric}": t[f"best_{metric}"],
                         **{k: t["params"].get(k) for k in keys}} for t in state["trials"]])

@@ -3,10 +3,9 @@ for a shipped config or a run's own, with `key=value` overrides."""
 
 import streamlit as st
 import torch.nn.functional as F
-import yaml
 
-from selfsup.dashboard import data, pictures
-from selfsup.platform.config import ConfigError, configure, load_config, shipped_configs
+from selfsup.dashboard import data, pictures, plain
+from selfsup.platform.config import ConfigError, configure, load_config, load_yaml, shipped_configs
 from selfsup.platform.preview import view_grid
 
 st.title("Views")
@@ -30,13 +29,13 @@ try:
     if source == "shipped":
         cfg = load_config(config, overrides.split())
     else:
-        cfg = configure(yaml.safe_load(data.run_files(root, config)["config"]) or {}, overrides.split())
+        cfg = configure(load_yaml(data.run_files(root, config)["config"]) or {}, overrides.split())
     grid, per_row = view_grid(cfg, samples, int(seed), start=False)
 except (ConfigError, ValueError) as e:
-    st.error(str(e))
+    st.error(plain(e))
     st.stop()
 except Exception as e:  # the data set unreachable, say: one line
-    st.error(f"{type(e).__name__}: {e}")
+    st.error(plain(f"{type(e).__name__}: {e}"))
     st.stop()
 side = max(128, grid.shape[-1] * 2)
 
