@@ -206,17 +206,10 @@ class S3Store(Store):
         self.upload(key, io.BytesIO(data), metadata)
 
     def create(self, key, data):
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        try:  # a conditional put: the server refuses it when the key exists
-            self.client.put_object(Bucket=self.bucket, Key=self._k(key), Body=data, IfNoneMatch="*")
-            return True
-        except ClientError as e:
-            if e.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
-                return False
-            raise explain(e, self.ep, f"writing {self.url(key)}") from None
-        except BotoCoreError as e:
-            raise explain(e, self.ep, f"writing {self.url(key)}") from None
+        # a conditional put: the server refuses it when the key exists
+        return self._unless(("PreconditionFailed", "412", "ConditionalRequestConflict"), f"writing {self.url(key)}",
+                            self.client.put_object, Bucket=self.bucket, Key=self._k(key), Body=data,
+                            IfNoneMatch="*") is not None
 
     def upload(self, key, fileobj, metadata=None):
         # boto3's managed transfer: multipart above 8 MiB, parts in parallel, retried.
@@ -229,17 +222,23 @@ class S3Store(Store):
                 self.client._client.upload_fileobj(_KeepOpen(fileobj), self.bucket, self._k(key), ExtraArgs=extra)
             retrying(self.ep, put)
 
-    def _head(self, key):
+    def _unless(self, codes: tuple[str, ...], what: str, call, **kwargs):
+        """call(**kwargs), or None when S3 answers with one of these error codes; any other failure
+        is one StorageError naming the endpoint and `what`."""
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
-            return self.client.head_object(Bucket=self.bucket, Key=self._k(key))
+            return call(**kwargs)
         except ClientError as e:
-            if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+            if e.response.get("Error", {}).get("Code") in codes:
                 return None
-            raise explain(e, self.ep, f"reading {self.url(key)}") from None
+            raise explain(e, self.ep, what) from None
         except BotoCoreError as e:
-            raise explain(e, self.ep, f"reading {self.url(key)}") from None
+            raise explain(e, self.ep, what) from None
+
+    def _head(self, key):
+        return self._unless(("404", "NoSuchKey", "NotFound"), f"reading {self.url(key)}", self.client.head_object,
+                            Bucket=self.bucket, Key=self._k(key))
 
     def exists(self, key):
         return self._head(key) is not None
