@@ -32,10 +32,9 @@ class TokenGate:
     async def __call__(self, scope, receive, send):
         if scope["type"] not in ("http", "websocket") or scope["path"] == HEALTH:
             return await self.app(scope, receive, send)
-        headers = dict((k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"] if k == b"cookie")
         jar = SimpleCookie()
         try:
-            jar.load(headers.get("cookie", ""))
+            jar.load("; ".join(v.decode("latin-1") for k, v in scope["headers"] if k == b"cookie"))
         except Exception:  # a malformed Cookie header counts as none
             jar = SimpleCookie()
         if self._valid(jar[self.cookie].value if self.cookie in jar else None):
