@@ -359,3 +359,36 @@ def test_a_full_disk_is_one_line_naming_the_file_under_dest(tmp_path):
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1, r.stderr[-2000:]
     assert lines[0].startswith(f"selfsup: error: cannot write {dest}/fm/") and "No space left on device" in lines[0]
+
+
+# ------------------------------------------------------------------------------ SIGTERM
+def test_a_benchmark_stopped_by_sigterm_stops_its_s3_server(tmp_path):
+    """`timeout` sends SIGTERM: the benchmark's S3 server (in a session of its own, so not in the
+    signalled group) goes with it, as on Ctrl-C."""
+    import signal
+
+    import ray  # noqa: F401  (puts the psutil that Ray ships on the path)
+    import psutil
+
+    bench = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "shard_throughput.py")
+    proc = subprocess.Popen([sys.executable, bench, "--quick"], env=_cli_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    weed = None
+    try:
+        deadline = time.monotonic() + 120
+        while weed is None and time.monotonic() < deadline and proc.poll() is None:
+            weed = next((c for c in psutil.Process(proc.pid).children(recursive=True)
+                         if "weed" in " ".join(c.cmdline()[:1])), None)
+            time.sleep(0.2)
+        assert weed is not None, proc.stderr.read() if proc.poll() is not None else "no S3 server started"
+        time.sleep(2)  # sharding under way
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(90) == 143
+        weed.wait(30)  # raises TimeoutExpired while it still runs
+        assert not weed.is_running()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if weed is not None and weed.is_running():
+            weed.kill()
