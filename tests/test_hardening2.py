@@ -5,6 +5,7 @@ two writers on one shard destination, and errors that name their cause."""
 import io
 import json
 import os
+import socket
 import struct
 import subprocess
 import sys
@@ -226,11 +227,15 @@ def test_a_second_writer_on_the_same_dest_fails_naming_the_first(s3, s3_uri, tmp
                              log=lambda *_: None)
             assert main(["shard", str(tiny_npz), dest, "--overwrite", "--quiet"]) == 2
         assert not store.exists(LOCK)  # released
-        # a lock whose owner stopped beating (killed) is taken over
-        store.write(LOCK, json.dumps({"id": "x", "owner": "gone", "heartbeat": time.time() - 3600}).encode())
-        m = write_shards(open_source(str(tiny_npz)), dest, ShardOptions(samples_per_shard=8), progress=False,
-                         log=lambda *_: None)
-        assert verify(dest)[1] == [] and m["splits"]["train"]["num_samples"] == 40 and not store.exists(LOCK)
+        # a lock whose owner stopped beating, or whose process here is gone (killed), is taken over
+        dead = subprocess.Popen(["true"])
+        dead.wait()  # its pid is free now
+        for lock in ({"id": "x", "owner": "gone", "heartbeat": time.time() - 3600},
+                     {"id": "y", "owner": "killed", "host": socket.gethostname(), "pid": dead.pid, "heartbeat": time.time()}):
+            store.write(LOCK, json.dumps(lock).encode())
+            m = write_shards(open_source(str(tiny_npz)), dest, ShardOptions(samples_per_shard=8), progress=False,
+                             log=lambda *_: None)
+            assert verify(dest)[1] == [] and m["splits"]["train"]["num_samples"] == 40 and not store.exists(LOCK)
 
 
 def test_two_selfsup_shard_runs_into_one_dest_leave_a_manifest_that_matches(s3, tmp_path):

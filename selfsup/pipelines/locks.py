@@ -3,7 +3,8 @@
 The lock is one object, `_lock.json` under DEST, created only if absent (a conditional put,
 `If-None-Match: *`, on S3; `O_EXCL` on a local disk). It names its owner and holds a heartbeat
 that the owner renews every HEARTBEAT_S. A second writer fails in one line naming the first; a
-lock whose heartbeat is older than STALE_S (its owner was killed) is taken over.
+lock whose heartbeat is older than STALE_S, or whose owner's process on this machine is gone (it
+was killed), is taken over.
 """
 
 from __future__ import annotations
@@ -39,10 +40,24 @@ def _read(store: Store) -> dict | None:
     return lock if isinstance(lock, dict) and isinstance(lock.get("heartbeat"), (int, float)) else {"heartbeat": 0}
 
 
+def _dead_here(lock: dict) -> bool:
+    """The lock's owner ran on this machine and its process is gone (killed: no release)."""
+    if lock.get("host") != socket.gethostname() or not isinstance(lock.get("pid"), int):
+        return False
+    try:
+        os.kill(lock["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # alive, another user's
+        return False
+    return False
+
+
 class Lock:
     def __init__(self, store: Store, what: str):
         self.store, self.what = store, what
-        self.me = {"id": uuid.uuid4().hex, "owner": f"{getpass.getuser()}@{socket.gethostname()} pid {os.getpid()}",
+        host, pid = socket.gethostname(), os.getpid()
+        self.me = {"id": uuid.uuid4().hex, "owner": f"{getpass.getuser()}@{host} pid {pid}", "host": host, "pid": pid,
                    "what": what}
         self.lost: dict | None = None  # the lock as found when another writer had taken it
         self._stop = threading.Event()
@@ -63,10 +78,10 @@ class Lock:
                 self._thread.start()
                 return
             age = time.time() - held["heartbeat"]
-            if age <= STALE_S:
+            if age <= STALE_S and not _dead_here(held):
                 raise Locked(f"{self.store.uri} is being written by {held.get('owner', 'another writer')} "
                              f"({held.get('what', '?')}, heartbeat {max(age, 0):.0f} s ago): wait for it to end")
-            self.store.delete(LOCK)  # its owner is gone: no heartbeat for STALE_S
+            self.store.delete(LOCK)  # its owner is gone: no heartbeat for STALE_S, or its process ended
         raise Locked(f"{self.store.uri}: another writer took the lock ({self.store.url(LOCK)}) as this one started")
 
     def _beat(self) -> None:
