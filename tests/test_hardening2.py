@@ -40,7 +40,7 @@ def _cli_env(**extra) -> dict:
 # ------------------------------------------------------------------------------ a stale Ray address
 def test_a_dead_clusters_address_file_does_not_stop_a_local_run(s3, tiny_labeled):
     """`ray.init()` without an address joins the cluster named in Ray's temp dir; one that died
-    without `ray stop` left its address there. A local run starts its own cluster anyway."""
+    without being stopped left its address there. A local run starts its own cluster anyway."""
     data, _ = tiny_labeled
     with tempfile.TemporaryDirectory(prefix="ray", dir="/tmp") as tmp:  # short: Ray's socket paths live there
         os.makedirs(os.path.join(tmp, "ray"))

@@ -18,8 +18,6 @@ The keys, a private CA and one certificate for all components are made once per 
 from __future__ import annotations
 
 import contextlib
-import datetime
-import ipaddress
 import json
 import os
 import secrets
@@ -32,6 +30,7 @@ import time
 from pathlib import Path
 
 from selfsup.pipelines.endpoints import Endpoint, StorageError, environ
+from selfsup.pipelines.weed_security import make_tls, security_toml, write_private
 
 PORT_FLAGS = (
     "s3.port", "s3.port.grpc", "master.port", "master.port.grpc", "volume.port", "volume.port.grpc",
@@ -43,7 +42,6 @@ PORT_FLAGS = (
 ADMIN_GRPC_OFFSET = 10000
 FLOCK, LOCK_CONFLICT = "flock", 75  # util-linux's flock(1), in every Debian (Essential)
 GRPC_SOCKET_SERVICES = ("master", "volume", "filer", "s3", "admin")
-GRPC_COMPONENTS = ("master", "volume", "filer", "s3", "admin", "worker", "msg_broker", "msg_agent", "mq", "client")
 
 
 def selfsup_home() -> Path:
@@ -97,13 +95,6 @@ def _choose_ports() -> dict[str, int]:
     raise StorageError("found no free pair of ports for the embedded S3 server's admin service")
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.chmod(path, 0o600)  # an older file keeps its mode through O_TRUNC
-
-
 def _make_private(root: Path) -> None:
     """0700 folders and 0600 files under `root` (data written by older versions was 0755/0644)."""
     os.chmod(root, 0o700)
@@ -116,57 +107,6 @@ def _make_private(root: Path) -> None:
             p = os.path.join(dirpath, f)
             if not os.path.islink(p) and os.path.isfile(p):
                 os.chmod(p, 0o600)
-
-
-def _make_tls(directory: Path) -> None:
-    """A private CA and one certificate (server and client use) it signs, for weed's mutual TLS."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-    now = datetime.datetime.now(datetime.timezone.utc)
-    valid = dict(not_valid_before=now - datetime.timedelta(days=1), not_valid_after=now + datetime.timedelta(days=3650))
-
-    def build(subject, issuer, public_key):
-        b = x509.CertificateBuilder().subject_name(subject).issuer_name(issuer).public_key(public_key)
-        b = b.serial_number(x509.random_serial_number())
-        return b.not_valid_before(valid["not_valid_before"]).not_valid_after(valid["not_valid_after"])
-
-    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "selfsup embedded S3 CA")])
-    ca = build(ca_name, ca_name, ca_key.public_key()).add_extension(
-        x509.BasicConstraints(ca=True, path_length=0), critical=True).sign(ca_key, hashes.SHA256())
-    cert = (build(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "selfsup")]), ca_name, key.public_key())
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
-                                                        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
-                           critical=False)
-            .sign(ca_key, hashes.SHA256()))
-    pem = serialization.Encoding.PEM
-    _write_private(directory / "ca.crt", ca.public_bytes(pem))
-    _write_private(directory / "tls.crt", cert.public_bytes(pem))
-    _write_private(directory / "tls.key", key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
-                                                            serialization.NoEncryption()))
-
-
-def _security_toml(tls: Path) -> str:
-    """weed reads ./security.toml: JWT keys for filer and volume HTTP, TLS with client
-    certificates for the master's HTTP and every gRPC port."""
-    lines = []
-    for section in ("jwt.signing", "jwt.signing.read", "jwt.filer_signing", "jwt.filer_signing.read"):
-        lines += [f"[{section}]", f'key = "{secrets.token_hex(32)}"', ""]
-    lines += ["[access]", "ui = false", "", "[grpc]", f'ca = "{tls / "ca.crt"}"', ""]
-    for comp in GRPC_COMPONENTS:
-        lines += [f"[grpc.{comp}]", f'cert = "{tls / "tls.crt"}"', f'key = "{tls / "tls.key"}"', ""]
-    # TLS with client certificates on the master's and the volume server's HTTP (the volume's
-    # /status lists buckets, object counts and sizes to anyone), and weed's own clients use them
-    for server in ("master", "volume"):
-        lines += [f"[https.{server}]", f'cert = "{tls / "tls.crt"}"', f'key = "{tls / "tls.key"}"',
-                  f'ca = "{tls / "ca.crt"}"', ""]
-    lines += ["[https.client]", "enabled = true", f'cert = "{tls / "tls.crt"}"', f'key = "{tls / "tls.key"}"',
-              f'ca = "{tls / "ca.crt"}"', ""]
-    return "\n".join(lines)
 
 
 def _sockets(port: int) -> list[Path]:
@@ -250,7 +190,7 @@ class EmbeddedS3:
         if not self.creds_file.exists():
             self._prepare()
             creds = {"access_key": "selfsup" + secrets.token_hex(6), "secret_key": secrets.token_urlsafe(30)}
-            _write_private(self.creds_file, json.dumps(creds).encode())
+            write_private(self.creds_file, json.dumps(creds).encode())
         try:
             creds = json.loads(self.creds_file.read_text())
             if not (isinstance(creds.get("access_key"), str) and isinstance(creds.get("secret_key"), str)):
@@ -310,16 +250,16 @@ class EmbeddedS3:
         return Endpoint(f"http://127.0.0.1:{st['ports']['s3.port']}", c["access_key"], c["secret_key"])
 
     def _write_env(self, ep: Endpoint) -> None:
-        _write_private(self.env_file, _exports(ep).encode())
+        write_private(self.env_file, _exports(ep).encode())
 
     def _security(self) -> None:
         tls, toml = self.root / "tls", self.root / "security.toml"
         if not (tls / "tls.key").exists() or not toml.exists():
             tls.mkdir(mode=0o700, exist_ok=True)
-            _make_tls(tls)
-            _write_private(toml, _security_toml(tls).encode())
+            make_tls(tls)
+            write_private(toml, security_toml(tls).encode())
         elif "[https.volume]" not in toml.read_text():  # written before the volume server's TLS
-            _write_private(toml, _security_toml(tls).encode())
+            write_private(toml, security_toml(tls).encode())
 
     # -- lifecycle ---------------------------------------------------------------------------
     def up(self, timeout: float = 60.0) -> Endpoint:
@@ -342,7 +282,7 @@ class EmbeddedS3:
                 ports = _choose_ports()
                 if not _squatted(ports):
                     break
-            _write_private(self.ports_file, json.dumps(ports).encode())
+            write_private(self.ports_file, json.dumps(ports).encode())
         squat = _squatted(ports)
         if squat:
             raise StorageError(f"{squat} belongs to another user: weed creates its gRPC socket at that fixed path "
@@ -357,10 +297,10 @@ class EmbeddedS3:
         s3_json = self.root / "s3.json"
         identity = {"name": "selfsup", "credentials": [{"accessKey": creds["access_key"], "secretKey": creds["secret_key"]}],
                     "actions": ["Admin", "Read", "List", "Tagging", "Write"]}
-        _write_private(s3_json, json.dumps({"identities": [identity]}).encode())
+        write_private(s3_json, json.dumps({"identities": [identity]}).encode())
         sock_dir = self.root / "sock"
         if not self.lock_file.exists():
-            _write_private(self.lock_file, b"")
+            write_private(self.lock_file, b"")
         # `flock --no-fork` takes server.lock and becomes weed (same pid), which holds it until it
         # exits: the server is known by the lock, its command line and its data dir, not by a pid alone.
         cmd = [
@@ -380,7 +320,7 @@ class EmbeddedS3:
         finally:
             os.close(log)
         self._proc = proc
-        _write_private(self.state_file, json.dumps({"pid": proc.pid, "ports": ports, "data": str(self.data)}).encode())
+        write_private(self.state_file, json.dumps({"pid": proc.pid, "ports": ports, "data": str(self.data)}).encode())
         return proc
 
     def _wait_ready(self, ep: Endpoint, proc: subprocess.Popen, timeout: float) -> None:
