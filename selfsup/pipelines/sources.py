@@ -164,7 +164,7 @@ def image_folder(path: Path, holdout: float) -> Source:
     for it in items[:: max(1, len(items) // 50)]:
         try:
             with Image.open(it.ref) as im:
-                modes.add("L" if im.mode in ("L", "1", "I;16") else "RGB")
+                modes.add("L" if im.mode in ("L", "1", "I", "F") or im.mode.startswith("I;16") else "RGB")
                 sizes.add((im.height, im.width))
         except Exception:
             pass
@@ -173,13 +173,13 @@ def image_folder(path: Path, holdout: float) -> Source:
     def encode(item: Item, fmt: str, quality: int) -> bytes:
         try:
             with Image.open(item.ref) as im:
+                if im.width * im.height > max_pixels():
+                    raise ValueError(f"{im.width}x{im.height} is over the cap of {max_pixels()} pixels "
+                                     "(SELFSUP_MAX_IMAGE_PIXELS)")
                 # Pass JPEG bytes through untouched: re-encoding loses quality for nothing.
                 if fmt == "jpg" and im.format == "JPEG" and im.mode == mode:
                     im.load()
                     return Path(item.ref).read_bytes()
-                if im.width * im.height > max_pixels():
-                    raise ValueError(f"{im.width}x{im.height} is over the cap of {max_pixels()} pixels "
-                                     "(SELFSUP_MAX_IMAGE_PIXELS)")
                 arr = np.asarray(_eight_bit(im).convert(mode))
         except Exception as e:
             raise UnreadableImage(f"{item.ref}: {type(e).__name__}: {e}") from None
