@@ -75,18 +75,21 @@ def start(root: str, port: int, address: str = "127.0.0.1") -> tuple[subprocess.
                                 preexec_fn=_die_with_parent)
     host = "127.0.0.1" if _wildcard(address) else address  # ask the health check on loopback then
     deadline = time.monotonic() + START_TIMEOUT_S
-    while True:
-        try:
-            with urllib.request.urlopen(f"http://{host}:{port}/_stcore/health", timeout=2) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            stop(proc)
-            tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
-            raise RuntimeError(f"the dashboard did not start on {address}:{port} ({tail[0]}); log: {log_path}")
-        time.sleep(0.25)
+    try:
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://{host}:{port}/_stcore/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
+                raise RuntimeError(f"the dashboard did not start on {address}:{port} ({tail[0]}); log: {log_path}")
+            time.sleep(0.25)
+    except BaseException:  # that error, Ctrl-C or a signal while it starts
+        stop(proc)
+        raise
     return proc, f"http://{host}:{port}/?token={token}", str(log_path)
 
 
@@ -117,15 +120,21 @@ def serve(root: str, port: int, address: str = "127.0.0.1", log=print) -> int:
         open_store(root)  # a location the pages can read (not http://, say), checked before Streamlit starts
     except StorageError as e:
         raise DashboardError(f"--root: {e}") from None
-    proc, url, log_path = start(root, port, address)
-    log(f"dashboard of {root}: {url}")
-    log(f"(the token in the address is the only way in; Streamlit's log: {log_path}; Ctrl-C stops it)")
 
     def ends(signum, frame):
         raise Stopped(128 + signum)
 
+    # before Streamlit starts: a signal that comes as soon as the address is printed stops it too
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, ends)
+    try:
+        proc, url, log_path = start(root, port, address)  # stops Streamlit itself if interrupted
+    except KeyboardInterrupt:
+        return 130
+    except Stopped as e:
+        return e.code
+    log(f"dashboard of {root}: {url}")
+    log(f"(the token in the address is the only way in; Streamlit's log: {log_path}; Ctrl-C stops it)")
     try:
         code = proc.wait()
     except KeyboardInterrupt:
