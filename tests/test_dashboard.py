@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -246,15 +247,17 @@ def test_selfsup_dashboard_in_a_real_browser(runs, tmp_path):
         socket.create_connection(("127.0.0.1", port), timeout=5)
 
 
-def _start(tmp_path, *extra) -> tuple[subprocess.Popen, int, str, int]:
+def _start(tmp_path, *extra, hangup=signal.SIG_DFL) -> tuple[subprocess.Popen, int, str, int]:
     """`selfsup dashboard` on a free port: (its process, port, token, its Streamlit's pid)."""
     import ray  # noqa: F401  (puts the psutil that Ray ships on the path)
     import psutil
 
     port = _free_port()
+    # as from a terminal (SIG_DFL), or `nohup` (SIG_IGN): a suite run under nohup would pass that on
     proc = subprocess.Popen([sys.executable, "-m", "selfsup", "dashboard", "--root", str(tmp_path), "--port", str(port),
                              *extra], env={**os.environ, "SELFSUP_HOME": str(tmp_path / "home")},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGHUP, hangup))
     line = proc.stdout.readline()
     assert "?token=" in line, line + proc.stderr.read()
     (child,) = psutil.Process(proc.pid).children()
@@ -273,8 +276,6 @@ def _status(port: int, path: str, method: str = "GET", headers: dict | None = No
 
 
 def _gone(pid: int, timeout: float = 20) -> bool:
-    import time
-
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         try:
@@ -311,7 +312,10 @@ def test_no_streamlit_endpoint_answers_without_the_token_and_every_signal_stops_
         proc, port, token, streamlit = _start(tmp_path)
         proc.send_signal(signal.SIGHUP)
         assert proc.wait(30) == 129 and _gone(streamlit)
-        proc, port, token, streamlit = _start(tmp_path)
+        proc, port, token, streamlit = _start(tmp_path, hangup=signal.SIG_IGN)  # `nohup selfsup dashboard`
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(2)
+        assert proc.poll() is None and _status(port, "/_stcore/health") == 200  # it outlives the terminal
         proc.kill()  # no chance to clean up: the kernel tells Streamlit its parent died
         proc.wait()
         assert _gone(streamlit)

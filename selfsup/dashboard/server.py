@@ -124,9 +124,11 @@ def serve(root: str, port: int, address: str = "127.0.0.1", log=print) -> int:
     def ends(signum, frame):
         raise Stopped(128 + signum)
 
-    # before Streamlit starts: a signal that comes as soon as the address is printed stops it too
+    # Before Streamlit starts: a signal that comes as soon as the address is printed stops it too.
+    # A SIGHUP that `nohup` ignores stays ignored: that user wants the dashboard to outlive the terminal.
     for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, ends)
+        if signal.getsignal(sig) is not signal.SIG_IGN:
+            signal.signal(sig, ends)
     try:
         proc, url, log_path = start(root, port, address)  # stops Streamlit itself if interrupted
     except KeyboardInterrupt:
