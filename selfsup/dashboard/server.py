@@ -122,6 +122,8 @@ def serve(root: str, port: int, address: str = "127.0.0.1", log=print) -> int:
         raise DashboardError(f"--root: {e}") from None
 
     def ends(signum, frame):
+        for sig in (signal.SIGTERM, signal.SIGHUP):  # one stop at a time: a second signal waits for it
+            signal.signal(sig, signal.SIG_IGN)
         raise Stopped(128 + signum)
 
     # Before Streamlit starts: a signal that comes as soon as the address is printed stops it too.
@@ -129,22 +131,16 @@ def serve(root: str, port: int, address: str = "127.0.0.1", log=print) -> int:
     for sig in (signal.SIGTERM, signal.SIGHUP):
         if signal.getsignal(sig) is not signal.SIG_IGN:
             signal.signal(sig, ends)
+    proc = None
     try:
         proc, url, log_path = start(root, port, address)  # stops Streamlit itself if interrupted
-    except KeyboardInterrupt:
-        return 130
-    except Stopped as e:
-        return e.code
-    log(f"dashboard of {root}: {url}")
-    log(f"(the token in the address is the only way in; Streamlit's log: {log_path}; Ctrl-C stops it)")
-    try:
+        log(f"dashboard of {root}: {url}")
+        log(f"(the token in the address is the only way in; Streamlit's log: {log_path}; Ctrl-C stops it)")
         code = proc.wait()
-    except KeyboardInterrupt:
-        stop(proc)
-        return 130
-    except Stopped as e:
-        stop(proc)
-        return e.code
+    except (KeyboardInterrupt, Stopped) as e:
+        if proc is not None:
+            stop(proc)
+        return e.code if isinstance(e, Stopped) else 130
     if code:
         raise RuntimeError(f"the dashboard stopped with exit code {code}; log: {log_path}")
     return 0
