@@ -85,14 +85,30 @@ def model(root: str, name: str, checkpoint: str | None):
 
 
 @st.cache_resource(max_entries=4, show_spinner="reading the data set ...")
-def labeled(data_uri: str, split: str, limit: int, seed: int):
-    """(images, labels, class names) of a split of a data set (a fixed subset of `limit`)."""
+def _read(data_uri: str, split: str, limit: int, seed: int):
     from selfsup.pipelines.shards import load_manifest
     from selfsup.platform.evaluate import load_labeled
 
     ep = endpoint(data_uri)
-    images, labels = load_labeled(data_uri, split, limit, seed, ep, strict=False)
+    images, labels = load_labeled(data_uri, split, limit, seed, ep, strict=False, labeled=False)
     return images, labels, load_manifest(data_uri, ep).get("class_names") or []
+
+
+def labeled(cfg, which: str, limit: int):
+    """(images, labels (-1: none), class names) of a fixed subset of `limit` of a run's evaluation
+    images, `which` = "train" (the kNN memory) or "test" (the queries): from eval.data_uri, else
+    data.uri; a set without that split (an unlabeled one, say) gives its training split."""
+    from selfsup.pipelines.shards import load_manifest
+
+    uri = cfg.eval_uri()
+    split = cfg.eval.test_split if which == "test" else cfg.eval.train_split
+    if split not in load_manifest(uri, endpoint(uri))["splits"]:
+        split = cfg.data.train_split
+    return _read(uri, split, limit, cfg.data.seed + (which == "test"))
+
+
+def class_name(classes: list[str], y: int) -> str:
+    return "unlabeled" if y < 0 else classes[y] if y < len(classes) else str(y)
 
 
 def sweep_uri(root: str, name: str) -> str:

@@ -43,7 +43,6 @@ def pick_images(cfg, key: str, allow_upload: bool = True):
         except Exception as e:
             st.error(plain(f"{up.name} is not an image this page can read ({type(e).__name__}: {e})"))
             st.stop()
-    images, labels, classes = data.labeled(cfg.data.uri, cfg.eval.test_split, 500, cfg.data.seed)
+    images, labels, classes = data.labeled(cfg, "test", 500)
     i = st.number_input(f"test image (0-{len(images) - 1})", 0, len(images) - 1, 0, key=f"{key}-index")
-    y = int(labels[i])
-    return images[i], f"test #{i}: {classes[y] if y < len(classes) else y}"
+    return images[i], f"test #{i}: {data.class_name(classes, int(labels[i]))}"

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import struct
 import tarfile
 import zlib
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 # torch is imported where it is used: Ray Data's split coordinator imports this module with
@@ -131,7 +133,7 @@ def check_pixels(data: bytes) -> None:
 
 
 def decode_image(data: bytes) -> torch.Tensor:
-    """PNG or JPEG bytes -> uint8 (C, H, W), C = 1 for grey, 3 for colour. Damaged bytes raise, and
+    """PNG, JPEG or WebP bytes -> uint8 (C, H, W), C = 1 for grey, 3 for colour. Damaged bytes raise, and
     so does an image over max_pixels(). 16-bit PNGs are scaled to 8 bits."""
     import torch
     from torchvision.io import ImageReadMode, decode_image as tv_decode  # 2.7x PIL's speed; pinned torchvision
@@ -182,25 +184,107 @@ def _tarfile_members(data: bytes):
                 yield m.name, tar.extractfile(m).read()
 
 
-def shard_samples(data: bytes, expected_sha256: str | None = None, name: str = "shard"):
-    """(indices, images, labels) of one shard's bytes. Raises CorruptShard naming the shard."""
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # the members a sample's image may be, in this order
+
+
+def split_member(name: str) -> tuple[str, str]:
+    """(key, type) of a tar member by the WebDataset convention: the key ends at the first dot of
+    the member's base name (`a/b.seg.png` is key `a/b`, type `seg.png`); the type is lower-cased."""
+    head, _, base = name.rpartition("/")
+    stem, dot, ext = base.partition(".")
+    return (f"{head}/{stem}" if head else stem), ext.lower() if dot else ""
+
+
+def group_samples(data: bytes) -> dict[str, dict[str, bytes]]:
+    """{key: {type: bytes}} of a shard, in the order the keys first appear (raises on a damaged tar)."""
+    samples: dict[str, dict[str, bytes]] = {}
+    for member, content in tar_members(data):
+        key, ext = split_member(member)
+        samples.setdefault(key, {})[ext] = content
+    return samples
+
+
+def sample_image(parts: dict[str, bytes]) -> bytes | None:
+    return next((parts[e] for e in IMAGE_EXTS if e in parts), None)
+
+
+@dataclass(frozen=True)
+class Schema:
+    """How a data set's samples read: where the label is, the class names its values map to, and how
+    many channels every image is decoded to. selfsup's own shards: `.cls`, as stored."""
+    labels: str = "cls"  # "cls", "json:FIELD" or "none"
+    classes: tuple[str, ...] = ()
+    channels: int | None = None  # 1 or 3; None: as stored
+    required: bool = True  # a sample without its label is a damaged shard (selfsup's own shards)
+
+    @classmethod
+    def of(cls, manifest: dict) -> Schema:
+        return cls(manifest.get("labels", "cls"), tuple(manifest.get("class_names") or ()),
+                   {"L": 1, "RGB": 3}.get(manifest.get("image", {}).get("mode")), "labels" not in manifest)
+
+    def label_value(self, parts: dict[str, bytes]):
+        """The raw label of a sample (an int or a class name), or None when it has none."""
+        if self.labels == "none":
+            return None
+        if self.labels == "cls":
+            raw = parts.get("cls")
+            if raw is None:
+                return None
+            text = raw.decode().strip()
+            return int(text) if text.lstrip("-").isdigit() else text
+        raw = parts.get("json")
+        if raw is None:
+            return None
+        doc = json.loads(raw)
+        value = doc.get(self.labels[len("json:"):]) if isinstance(doc, dict) else None
+        if value is None or isinstance(value, bool) or not isinstance(value, (int, str)):
+            return None
+        return value
+
+    def label(self, parts: dict[str, bytes]) -> int:
+        """A sample's class index; -1 for a sample without a label (it trains, and evaluation leaves it out)."""
+        value = self.label_value(parts)
+        if value is None:
+            return -1
+        if isinstance(value, str):
+            try:
+                return self.classes.index(value)
+            except ValueError:
+                raise ValueError(f"label {value!r} is not a class of the manifest") from None
+        return value
+
+
+def to_channels(t: torch.Tensor, channels: int | None) -> torch.Tensor:
+    if channels == 3 and t.shape[0] == 1:
+        return t.expand(3, -1, -1).contiguous()
+    if channels == 1 and t.shape[0] == 3:  # ITU-R 601 luma, as PIL's convert("L")
+        import torch
+
+        w = torch.tensor([299, 587, 114], dtype=torch.int32).view(3, 1, 1)
+        return ((t.to(torch.int32) * w).sum(0, keepdim=True) // 1000).to(torch.uint8)
+    return t
+
+
+def shard_samples(data: bytes, expected_sha256: str | None = None, name: str = "shard", schema: Schema = Schema(),
+                  start: int = 0):
+    """(indices, images, labels) of one shard's bytes; raises CorruptShard naming the shard. A
+    sample's index is `start` (its shard's first, from the manifest) plus its place in the shard.
+    Members of other types are ignored, and so is a sample without an image (`shard index` names them)."""
     if expected_sha256 is not None and hashlib.sha256(data).hexdigest() != expected_sha256:
         raise CorruptShard(f"{name}: sha256 does not match the manifest (corrupt or replaced)")
-    samples: dict[str, dict[str, bytes]] = {}
     try:
-        for member, content in tar_members(data):
-            key, _, ext = member.rpartition(".")
-            samples.setdefault(key, {})[ext] = content
         idx, images, labels = [], [], []
-        for key, parts in samples.items():
-            img = parts.get("png") or parts.get("jpg") or parts.get("jpeg")
-            if img is None or "cls" not in parts:
-                raise CorruptShard(f"{name}: sample {key!r} lacks an image or a label")
-            idx.append(int(key.rpartition("_")[2]))
-            images.append(decode_image(img))
-            labels.append(int(parts["cls"]))
+        for key, parts in group_samples(data).items():
+            img = sample_image(parts)
+            if img is None:
+                continue
+            if schema.required and "cls" not in parts:
+                raise CorruptShard(f"{name}: sample {key!r} lacks a label")
+            idx.append(start + len(idx))
+            images.append(to_channels(decode_image(img), schema.channels))
+            labels.append(schema.label(parts))
     except CorruptShard:
         raise
-    except Exception as e:  # tar, decode and int() failures alike
+    except Exception as e:  # tar, decode and label failures alike
         raise CorruptShard(f"{name}: {type(e).__name__}: {e}") from None
     return idx, images, labels

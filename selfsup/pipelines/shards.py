@@ -22,9 +22,10 @@ import tarfile
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
+from functools import partial
 
-from selfsup.pipelines.decode import CorruptShard, shard_samples
-from selfsup.pipelines.sources import Source, SourceError, UnreadableImage
+from selfsup.pipelines.decode import CorruptShard, Schema, group_samples, sample_image, shard_samples
+from selfsup.pipelines.images import Item, Source, SourceError, UnreadableImage
 from selfsup.pipelines.endpoints import Endpoint, StorageError
 from selfsup.pipelines.locks import Lock, locked
 from selfsup.pipelines.storage import Store, check_key, open_store
@@ -57,6 +58,27 @@ def _tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
             info.size, info.mtime, info.mode = len(data), 0, 0o644
             tar.addfile(info, io.BytesIO(data))
     return buf.getvalue()
+
+
+def build_shard(source: Source, store: Store, fmt: str, quality: int, job: tuple) -> dict:
+    """Encode and upload one shard: (path, split, first index, items) -> its manifest entry and the
+    items skipped as unreadable. A pure function of its arguments: the same bytes wherever it runs."""
+    path, split, start, items = job
+    members, skipped = [], []
+    for i, it in enumerate(items):
+        key = f"{split}_{start + i:08d}"
+        try:
+            img = source.encode(it, fmt, quality)
+        except UnreadableImage as e:
+            skipped.append({"ref": it.ref, "error": str(e)})
+            continue
+        members.append((f"{key}.{fmt}", img))
+        if source.labeled:
+            members.append((f"{key}.cls", str(it.label).encode()))
+    data = _tar_bytes(members)
+    sha = hashlib.sha256(data).hexdigest()
+    store.upload(path, io.BytesIO(data), metadata={"sha256": sha})
+    return {"path": path, "num_samples": len(items) - len(skipped), "sha256": sha, "bytes": len(data), "skipped": skipped}
 
 
 def _plan_id(source: Source, fmt: str, opts: ShardOptions) -> str:
@@ -98,9 +120,10 @@ def _shard_entries(m: dict, where: str) -> list[dict]:
 
 
 def write_shards(source: Source, dest: str, opts: ShardOptions, ep: Endpoint | None = None,
-                 progress: bool = True, log=print) -> dict:
+                 progress: bool = True, log=print, on_ray: bool = False) -> dict:
     """Shard `source` into `dest`; resumes a previous run of the same plan. Returns the manifest.
-    One writer at a time: a second one fails naming the first (locks.py)."""
+    One writer at a time: a second one fails naming the first (locks.py). `on_ray`: the shards are
+    built as Ray Data tasks across the cluster (the same bytes; the source must be readable there)."""
     store = open_store(dest, ep, create=True)
     fmt = opts.fmt or ("png" if source.mode == "L" else "jpg")
     if fmt not in ("png", "jpg"):
@@ -108,10 +131,11 @@ def write_shards(source: Source, dest: str, opts: ShardOptions, ep: Endpoint | N
     if opts.samples_per_shard < 1:
         raise ValueError(f"samples per shard must be >= 1, got {opts.samples_per_shard}")
     with locked(store, "selfsup shard") as lock:
-        return _write(source, store, fmt, opts, lock, progress, log)
+        return _write(source, store, fmt, opts, lock, progress, log, on_ray)
 
 
-def _write(source: Source, store: Store, fmt: str, opts: ShardOptions, lock: Lock, progress: bool, log) -> dict:
+def _write(source: Source, store: Store, fmt: str, opts: ShardOptions, lock: Lock, progress: bool, log,
+           on_ray: bool) -> dict:
     from tqdm import tqdm
 
     plan = _plan_id(source, fmt, opts)
@@ -143,22 +167,6 @@ def _write(source: Source, store: Store, fmt: str, opts: ShardOptions, lock: Loc
         for n, start in enumerate(range(0, len(items), opts.samples_per_shard)):
             jobs.append((f"{split}/shard-{n:06d}.tar", split, start, items[start:start + opts.samples_per_shard]))
 
-    def build(job) -> dict:
-        path, split, start, items = job
-        members, skipped = [], []
-        for i, it in enumerate(items):
-            key = f"{split}_{start + i:08d}"
-            try:
-                img = source.encode(it, fmt, opts.quality)
-            except UnreadableImage as e:
-                skipped.append({"ref": it.ref, "error": str(e)})
-                continue
-            members += [(f"{key}.{fmt}", img), (f"{key}.cls", str(it.label).encode())]
-        data = _tar_bytes(members)
-        sha = hashlib.sha256(data).hexdigest()
-        store.upload(path, io.BytesIO(data), metadata={"sha256": sha})
-        return {"path": path, "num_samples": len(members) // 2, "sha256": sha, "bytes": len(data), "skipped": skipped}
-
     results: dict[str, dict] = {}
     todo = []
     for job in jobs:
@@ -179,36 +187,20 @@ def _write(source: Source, store: Store, fmt: str, opts: ShardOptions, lock: Loc
             store.write(PROGRESS, json.dumps({"plan": plan, "source": source.name, "done": list(results.values())}).encode())
             last_save = time.monotonic()
 
-    def finish(fut) -> None:
-        r = fut.result()
-        results[r["path"]] = r
-        bar.update(r["num_samples"] + len(r["skipped"]))
+    def record(r: dict) -> None:
+        if r["path"] not in results:
+            results[r["path"]] = r
+            bar.update(r["num_samples"] + len(r["skipped"]))
+            save_progress()
 
-    n = max(1, opts.workers)
-    pool, submitted = ThreadPoolExecutor(n), []
     try:
-        pending = set()
-        for job in todo:
-            submitted.append(pool.submit(build, job))
-            pending.add(submitted[-1])
-            if len(pending) >= 2 * n:  # bounded in flight: memory stays at a few shards
-                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-                for f in finished:
-                    if f.exception() is None:
-                        finish(f)
-                for f in finished:
-                    f.result()  # a failure surfaces once every success beside it is recorded
-                save_progress()
-        for f in pending:
-            finish(f)
+        if on_ray:
+            _on_ray(source, store, fmt, opts.quality, todo, record, log)
+        else:
+            _local(source, store, fmt, opts, todo, record)
     finally:
-        # Interrupted or not, record every finished shard so that a re-run resumes from it.
-        pool.shutdown(wait=True, cancel_futures=True)
-        for f in submitted:
-            if f.done() and not f.cancelled() and f.exception() is None and f.result()["path"] not in results:
-                finish(f)
         bar.close()
-        save_progress(force=True)
+        save_progress(force=True)  # interrupted or not: a re-run resumes from every shard recorded
 
     splits = {}
     for split in source.splits:
@@ -221,6 +213,7 @@ def _write(source: Source, store: Store, fmt: str, opts: ShardOptions, lock: Loc
     manifest = {
         "format": FORMAT, "version": VERSION, "plan": plan, "source": source.name,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **({} if source.labeled else {"labels": "none"}),
         "class_names": source.class_names,
         "image": {"mode": source.mode, "format": fmt, "size": list(source.size) if source.size else None},
         "splits": splits,
@@ -237,17 +230,60 @@ def _write(source: Source, store: Store, fmt: str, opts: ShardOptions, lock: Loc
     return manifest
 
 
+def _local(source: Source, store: Store, fmt: str, opts: ShardOptions, todo: list, record) -> None:
+    """Shards built by a thread pool here, each `record`ed as it finishes (a few in flight)."""
+    n = max(1, opts.workers)
+    pool, submitted, pending = ThreadPoolExecutor(n), [], set()
+    build = partial(build_shard, source, store, fmt, opts.quality)
+    try:
+        for job in todo:
+            submitted.append(pool.submit(build, job))
+            pending.add(submitted[-1])
+            if len(pending) >= 2 * n:  # bounded in flight: memory stays at a few shards
+                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for f in finished:
+                    if f.exception() is None:
+                        record(f.result())
+                for f in finished:
+                    f.result()  # a failure surfaces once every success beside it is recorded
+        for f in pending:
+            record(f.result())
+    finally:
+        # interrupted: the shards that finished meanwhile count too
+        pool.shutdown(wait=True, cancel_futures=True)
+        for f in submitted:
+            if f.done() and not f.cancelled() and f.exception() is None:
+                record(f.result())
+
+
+def _on_ray(source: Source, store: Store, fmt: str, quality: int, todo: list, record, log) -> None:
+    """The same shards built as Ray Data tasks, one per shard, on every node of the cluster: each
+    task encodes its images (reading them where it runs) and uploads its shard to DEST."""
+    import ray
+    import ray.data
+
+    if not todo:
+        return
+    dest, ep = store.uri, getattr(store, "ep", None)
+    rows = [{"path": p, "split": sp, "start": st, "refs": [it.ref for it in items], "labels": [it.label for it in items]}
+            for p, sp, st, items in todo]
+
+    def build(row: dict) -> dict:
+        items = [Item(r, int(y)) for r, y in zip(row["refs"], row["labels"])]
+        out = build_shard(source, open_store(dest, ep), fmt, quality, (row["path"], row["split"], int(row["start"]), items))
+        return {"result": json.dumps(out), "node": ray.get_runtime_context().get_node_id()}
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    nodes = set()
+    for row in ray.data.from_items(rows, override_num_blocks=len(rows)).map(build).iter_rows():
+        nodes.add(row["node"])
+        record(json.loads(row["result"]))
+    log(f"sharded on Ray: {len(todo)} tasks on {len(nodes)} node(s)")
+
+
 def count_samples(data: bytes) -> int:
-    """Samples in a shard's bytes; raises tarfile.TarError when the tar is damaged."""
-    keys = set()
-    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
-        for m in tar:
-            if m.isfile():
-                key, _, ext = m.name.rpartition(".")
-                if ext == "cls":
-                    keys.add(key)
-                tar.extractfile(m).read()  # a truncated member fails here, not later in training
-    return len(keys)
+    """Samples with an image in a shard's bytes; raises tarfile.TarError when the tar is damaged."""
+    return sum(sample_image(parts) is not None for parts in group_samples(data).values())
 
 
 def verify(dest: str, ep: Endpoint | None = None, workers: int = 8, decode: bool = False) -> tuple[dict, list[str]]:
@@ -274,7 +310,7 @@ def verify(dest: str, ep: Endpoint | None = None, workers: int = 8, decode: bool
             return f"{store.url(s['path'])}: {n} samples, manifest says {s['num_samples']}"
         if decode:
             try:
-                shard_samples(data, name=store.url(s["path"]))
+                shard_samples(data, name=store.url(s["path"]), schema=Schema.of(manifest))
             except CorruptShard as e:
                 return str(e)
         return None
@@ -287,11 +323,12 @@ def verify(dest: str, ep: Endpoint | None = None, workers: int = 8, decode: bool
 def summary(manifest: dict) -> str:
     img = manifest["image"]
     size = "x".join(map(str, img["size"])) if img["size"] else "mixed sizes"
-    lines = [f"source {manifest['source']}: {len(manifest['class_names'])} classes, {img['mode']} {size}, {img['format']}"]
+    labels = "unlabeled" if manifest.get("labels") == "none" else f"{len(manifest['class_names'])} classes"
+    lines = [f"source {manifest['source']}: {labels}, {img['mode']} {size}, {img['format']}"]
     for name, split in manifest["splits"].items():
         total = sum(s["bytes"] for s in split["shards"])
         lines.append(f"  {name}: {split['num_samples']} samples in {len(split['shards'])} shards, {total / 1e6:.1f} MB")
     if manifest["skipped"]:
-        lines.append(f"  skipped {len(manifest['skipped'])} unreadable images (listed in manifest.json)")
+        lines.append(f"  skipped {len(manifest['skipped'])} unreadable images or shards (listed in manifest.json)")
     return "\n".join(lines)
 

@@ -1,70 +1,29 @@
-"""Labeled image sources that `selfsup shard` turns into WebDataset shards.
-
-A source gives, per split, a list of `Item`s in a fixed order (so keys and shards are
-deterministic) and a way to encode one item into image bytes. Three kinds:
+"""The image sources that `selfsup shard` turns into WebDataset shards (see images.py for what a source is):
 - `fashion-mnist`: Debian's `dataset-fashion-mnist` idx files;
-- an ImageFolder directory: one subfolder per class, any image PIL reads;
-- an `.npz` with `images` (N,H,W[,C] uint8) and `labels` (N,).
+- an `.npz` with `images` (N,H,W[,C] uint8) and `labels` (N,);
+- a folder or S3 prefix of images: one subfolder per class, or flat and unlabeled (folders.py);
+- Parquet files with an image-bytes column (parquet.py).
 """
 
 from __future__ import annotations
 
 import gzip
 import hashlib
-import io
 import zipfile
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
-from PIL import Image
 
-from selfsup.pipelines.decode import max_pixels
+from selfsup.pipelines.endpoints import Endpoint
+from selfsup.pipelines.folders import folder
+from selfsup.pipelines.images import MAX_CLASSES, Item, Source, SourceError, encode_array, holdout as _holdout
+from selfsup.pipelines.parquet import parquet
+from selfsup.pipelines.storage import is_s3
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 ]
-# Labels are class indices: without class names, more classes than this is a mistake (a label
-# of 3*10^8 built a class list that long).
-MAX_CLASSES = 100_000
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
-
-
-class SourceError(ValueError):
-    """The source is missing or malformed."""
-
-
-class UnreadableImage(ValueError):
-    """One image could not be decoded; the sharder skips it and lists it in the manifest."""
-
-
-@dataclass(frozen=True)
-class Item:
-    ref: str  # where it came from: an array index or a file path
-    label: int
-
-
-@dataclass
-class Source:
-    name: str
-    class_names: list[str]
-    splits: dict[str, list[Item]]
-    mode: str  # "L" or "RGB"
-    size: tuple[int, int] | None  # (H, W) when every image has it
-    fingerprint: str  # changes when the source's content or order changes
-    encode: Callable[[Item, str, int], bytes]  # (item, fmt, jpeg quality) -> image bytes
-
-
-def encode_array(arr: np.ndarray, fmt: str, quality: int) -> bytes:
-    buf = io.BytesIO()
-    img = Image.fromarray(arr)
-    if fmt == "png":
-        img.save(buf, format="PNG", compress_level=1)  # small images: level 1 is as small, 3x faster
-    else:
-        img.save(buf, format="JPEG", quality=quality)
-    return buf.getvalue()
 
 
 def _read_idx(path: Path, offset: int) -> np.ndarray:
@@ -144,80 +103,17 @@ def npz(path: Path, holdout: float) -> Source:
     return Source(f"npz:{path}", names, _holdout(items, holdout), mode, images.shape[1:3], h, encode)
 
 
-def image_folder(path: Path, holdout: float) -> Source:
-    if not path.is_dir():
-        raise SourceError(f"source {path} does not exist or is not a directory")
-    classes = sorted(d.name for d in path.iterdir() if d.is_dir() and not d.name.startswith("."))
-    if not classes:
-        raise SourceError(f"{path} has no class subfolders (expected {path}/<class>/<image>)")
-    items, h = [], hashlib.sha256()
-    for label, cls in enumerate(classes):
-        for f in sorted((path / cls).rglob("*")):
-            if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES:
-                items.append(Item(str(f), label))
-                st = f.stat()
-                h.update(f"{f.relative_to(path)}:{st.st_size}:{st.st_mtime_ns}".encode())
-    if not items:
-        raise SourceError(f"{path} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
-    # Mode and size from a sample: RGB photos unless every sampled image is grey.
-    modes, sizes = set(), set()
-    for it in items[:: max(1, len(items) // 50)]:
-        try:
-            with Image.open(it.ref) as im:
-                modes.add("L" if im.mode in ("L", "1", "I", "F") or im.mode.startswith("I;16") else "RGB")
-                sizes.add((im.height, im.width))
-        except Exception:
-            pass
-    mode = "L" if modes == {"L"} else "RGB"
-
-    def encode(item: Item, fmt: str, quality: int) -> bytes:
-        try:
-            with Image.open(item.ref) as im:
-                if im.width * im.height > max_pixels():
-                    raise ValueError(f"{im.width}x{im.height} is over the cap of {max_pixels()} pixels "
-                                     "(SELFSUP_MAX_IMAGE_PIXELS)")
-                # Pass JPEG bytes through untouched: re-encoding loses quality for nothing.
-                if fmt == "jpg" and im.format == "JPEG" and im.mode == mode:
-                    im.load()
-                    return Path(item.ref).read_bytes()
-                arr = np.asarray(_eight_bit(im).convert(mode))
-        except Exception as e:
-            raise UnreadableImage(f"{item.ref}: {type(e).__name__}: {e}") from None
-        return encode_array(arr, fmt, quality)
-
-    size = sizes.pop() if len(sizes) == 1 else None
-    return Source(f"imagefolder:{path}", classes, _holdout(items, holdout), mode, size, h.hexdigest()[:16], encode)
-
-
-def _eight_bit(im: Image.Image) -> Image.Image:
-    """16-bit grey scaled to 8 bits (PIL's convert clips it: a 16-bit image came out almost white);
-    a float or 32-bit image is refused, naming its mode, since its range is unknown."""
-    if im.mode.startswith("I;16"):
-        return Image.fromarray((np.asarray(im, dtype=np.uint16) >> 8).astype(np.uint8))
-    if im.mode in ("I", "F"):
-        arr = np.asarray(im)
-        if im.mode == "I" and arr.min() >= 0 and arr.max() < 65536:  # how PIL opens some 16-bit files
-            return Image.fromarray((arr >> 8).astype(np.uint8))
-        raise ValueError(f"image mode {im.mode} ({'float' if im.mode == 'F' else '32-bit integer'} pixels) "
-                         "has no known range: give 8- or 16-bit images")
-    return im
-
-
-def _holdout(items: list[Item], fraction: float) -> dict[str, list[Item]]:
-    """Deterministic split: an item goes to `test` by a hash of its reference, not by chance."""
-    if fraction <= 0:
-        return {"train": items}
-
-    def in_test(it: Item) -> bool:
-        return int(hashlib.sha256(it.ref.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < fraction
-
-    return {"train": [it for it in items if not in_test(it)], "test": [it for it in items if in_test(it)]}
-
-
-def open_source(spec: str, holdout: float = 0.0) -> Source:
+def open_source(spec: str, holdout: float = 0.0, image_column: str | None = None, label_column: str | None = None,
+                ep: Endpoint | None = None) -> Source:
+    """`fashion-mnist`, an .npz, Parquet (a .parquet file, or a folder or S3 prefix of them when a
+    column is named), or a folder or S3 prefix of images."""
     if spec == "fashion-mnist":
         return fashion_mnist()
+    if spec.endswith(".parquet") or image_column or label_column:
+        return parquet(spec, image_column or "image", label_column, holdout, ep)
+    if is_s3(spec):
+        return folder(spec, holdout, ep)
     path = Path(spec).expanduser()
     if path.suffix == ".npz":
         return npz(path, holdout)
-    return image_folder(path, holdout)
+    return folder(str(path), holdout)

@@ -59,6 +59,7 @@ class Store:
     def exists(self, key: str) -> bool: ...
     def sha256(self, key: str) -> str | None: ...
     def list(self, prefix: str = "") -> list[str]: ...
+    def walk(self, prefix: str = ""): ...  # (key, size, version tag) in key order, a page at a time
     def delete(self, key: str) -> None: ...
     def open(self, key: str): ...
 
@@ -131,12 +132,26 @@ class LocalStore(Store):
         return h.hexdigest()
 
     def list(self, prefix=""):
+        return sorted(k for k, _, _ in self.walk(prefix))
+
+    def walk(self, prefix=""):
         base = self._p(prefix) if prefix else self.root
         if not base.exists():
-            return []
-        return sorted(
-            str(p.relative_to(self.root)) for p in base.rglob("*") if p.is_file() and not p.name.startswith(".tmp-")
-        )
+            return
+        # one folder at a time (files sorted, then its subfolders, depth first): links not followed
+        stack = [base]
+        while stack:
+            folder = stack.pop()
+            files, dirs = [], []
+            with os.scandir(folder) as it:
+                for e in it:
+                    if e.is_dir(follow_symlinks=False):
+                        dirs.append(e.path)
+                    elif e.is_file() and not e.name.startswith(".tmp-"):
+                        st = e.stat()
+                        files.append((str(Path(e.path).relative_to(self.root)), st.st_size, str(st.st_mtime_ns)))
+            yield from sorted(files)
+            stack += sorted(dirs, reverse=True)
 
     def delete(self, key):
         self._p(key).unlink(missing_ok=True)
@@ -248,15 +263,21 @@ class S3Store(Store):
         return None if head is None else head.get("Metadata", {}).get("sha256")
 
     def list(self, prefix=""):
-        full = self._k(prefix) if prefix else (self.prefix + "/" if self.prefix else "")
+        return sorted(k for k, _, _ in self.walk(prefix))
+
+    def walk(self, prefix=""):
+        full = self._k(prefix) + "/" if prefix else (self.prefix + "/" if self.prefix else "")
         strip = len(self.prefix) + 1 if self.prefix else 0
-        out = []
-        with self._errors(f"listing {self.uri}"):
-            pages = self.client.get_paginator("list_objects_v2")
-            for o in retrying(self.ep, lambda: pages.paginate(Bucket=self.bucket, Prefix=full).build_full_result()).get("Contents", []):
+        args = {"Bucket": self.bucket, "Prefix": full}
+        while True:  # a page (1000 keys) at a time: ten million keys never sit in memory at once
+            with self._errors(f"listing {self.uri}"):
+                page = self.client.list_objects_v2(**args)
+            for o in page.get("Contents", []):
                 if not o["Key"].endswith("/"):  # a folder marker, not a file
-                    out.append(o["Key"][strip:])
-        return sorted(out)
+                    yield o["Key"][strip:], o["Size"], o.get("ETag", "")
+            if not page.get("IsTruncated"):
+                return
+            args["ContinuationToken"] = page["NextContinuationToken"]
 
     def delete(self, key):
         with self._errors(f"deleting {self.url(key)}"):

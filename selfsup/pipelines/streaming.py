@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from selfsup.pipelines.decode import CorruptShard, shard_samples
+from selfsup.pipelines.decode import CorruptShard, Schema, shard_samples
 from selfsup.pipelines.shards import load_manifest
 from selfsup.pipelines.endpoints import Endpoint
 from selfsup.pipelines.storage import fs_and_path, is_s3
@@ -93,14 +93,16 @@ def _report_bad(health: str | None, path: str, error: str) -> None:
 
 
 def decode_shards(batch: dict, sha: dict[str, str], strict: bool, health: str | None, spec=None,
-                  batch_size: int = 256, seen: bytes | None = None):
+                  batch_size: int = 256, seen: bytes | None = None, starts: dict[str, int] | None = None,
+                  schema: Schema = Schema()):
     """Shards -> decoded samples (index, image, label), or -> views when `spec` is given.
 
     One function for both so that Ray runs each shard in its own task and streams its output in
     blocks of `batch_size`: as two fused map stages, Ray bundles every shard into one task.
     `spec`: the view spec's fields (`model_dump()`), not the model: the split coordinator unpickles
     these arguments too, and the model's module would import torch there (~2.5 s of a busy core
-    in every new stream). `seen`: a bitmap (np.packbits) of sample indices to leave out."""
+    in every new stream). `seen`: a bitmap (np.packbits) of sample indices to leave out. `starts`:
+    each shard's first sample index; `schema`: how its samples read (decode.Schema)."""
     done = np.unpackbits(np.frombuffer(seen, np.uint8)).astype(bool) if seen else None
     if spec is not None:
         from selfsup.pipelines.views import VIEW_KINDS, Plain
@@ -108,7 +110,7 @@ def decode_shards(batch: dict, sha: dict[str, str], strict: bool, health: str | 
         spec = {**VIEW_KINDS, "plain": Plain}[spec["kind"]].model_validate(spec)
     for data, path in zip(batch["bytes"], batch["path"]):
         try:
-            idx, images, labels = shard_samples(data, sha.get(path), name=path)
+            idx, images, labels = shard_samples(data, sha.get(path), path, schema, (starts or {}).get(path, 0))
         except CorruptShard as e:
             if strict:
                 raise
@@ -193,7 +195,8 @@ def read_split(manifest_uri: str, split: str, ep: Endpoint | None = None, seed: 
         return ds.map_batches(decode_shards, batch_size=1, batch_format="numpy", max_retries=DATA_TASK_RETRIES,
                               fn_kwargs={"sha": sha, "strict": strict, "health": health,
                                          "spec": None if spec is None else spec.model_dump(),
-                                         "batch_size": batch_size, "seen": packed})
+                                         "batch_size": batch_size, "seen": packed, "schema": Schema.of(manifest),
+                                         "starts": {p: r[0] for p, r in ranges.items()}})
 
 
 def data_health_actor(name: str):

@@ -9,7 +9,6 @@ import sys
 
 DEFAULT_DATA = "s3://selfsup/datasets/fashion-mnist"
 DEFAULT_RUNS = "s3://selfsup/runs"
-PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg")  # what `data preview --out` writes
 
 
 class UsageError(ValueError):
@@ -43,6 +42,7 @@ def _storage(args) -> int:
 def _shard(args) -> int:
     from selfsup.pipelines.shards import ShardOptions, summary, write_shards
     from selfsup.pipelines.sources import open_source
+    from selfsup.platform.trainer import join_cluster
 
     if not 0 <= args.holdout < 1:
         raise UsageError(f"--holdout must be in [0, 1), got {args.holdout}")
@@ -50,10 +50,12 @@ def _shard(args) -> int:
     _positive("--workers", args.workers)
     if not 1 <= args.quality <= 100:
         raise UsageError(f"--quality must be in 1..100, got {args.quality}")
-    source = open_source(args.source, holdout=args.holdout)
+    source = open_source(args.source, args.holdout, args.image_column, args.label_column)
     opts = ShardOptions(samples_per_shard=args.samples_per_shard, fmt=args.format, quality=args.quality,
                         workers=args.workers, overwrite=args.overwrite)
-    manifest = write_shards(source, args.dest, opts, progress=not args.quiet)
+    on_ray = join_cluster()
+    manifest = write_shards(source, args.dest, opts, progress=not args.quiet, on_ray=on_ray,
+                            log=lambda line: print(line, file=sys.stderr, flush=True))
     print(summary(manifest))
     print(f"manifest: {args.dest.rstrip('/')}/manifest.json")
     return 0
@@ -69,6 +71,21 @@ def _shard_verify(args) -> int:
     what = "shards ok (every image decoded)" if args.decode else "shards ok"
     print(f"{n - len(problems)}/{n} {what}" + (f", {len(problems)} bad" if problems else ""))
     return 1 if problems else 0
+
+
+def _shard_index(args) -> int:
+    from selfsup.pipelines.index import IndexOptions, index
+    from selfsup.pipelines.shards import summary
+    from selfsup.platform.trainer import join_cluster
+
+    _positive("--workers", args.workers)
+    on_ray = join_cluster()
+    opts = IndexOptions(test=args.test, holdout=args.holdout, labels=args.labels, out=args.out, workers=args.workers,
+                        overwrite=args.overwrite)
+    manifest = index(args.pattern, opts, progress=not args.quiet, on_ray=on_ray,
+                     log=lambda line: print(line, file=sys.stderr, flush=True))
+    print(summary(manifest))
+    return 0
 
 
 def _config_show(args) -> int:
@@ -165,29 +182,19 @@ def _eval(args) -> int:
         except ValueError as e:
             raise UsageError(str(e)) from None
         out = finetune_run(run, p, args.checkpoint, args.teacher, args.train_samples, args.test_samples,
-                           log=lambda line: print(line, file=sys.stderr, flush=True))
+                           log=lambda line: print(line, file=sys.stderr, flush=True), data=args.data)
         print(report(out))
         return 0
     out = evaluate_run(run, args.kind, args.train_samples, args.test_samples, args.checkpoint, args.random_init,
-                       args.teacher)
+                       args.teacher, data=args.data)
     print(json.dumps(out, indent=1))
     return 0
 
 
 def _data_preview(args) -> int:
-    from pathlib import Path
-
     from selfsup.platform.preview import preview
 
     _positive("--samples", args.samples)
-    out = Path(args.out).expanduser().absolute()
-    if out.is_dir():
-        raise UsageError(f"--out {args.out} is a folder: name the picture to write (e.g. {out / 'views.png'})")
-    if not out.parent.is_dir():
-        raise UsageError(f"--out {args.out}: folder {out.parent} does not exist")
-    if out.suffix.lower() not in PICTURE_SUFFIXES:
-        raise UsageError(f"--out {args.out}: write a {', '.join(PICTURE_SUFFIXES)} file")
-
     n = preview(args.config, args.overrides, args.out, args.samples)
     print(f"wrote {args.out}: {n} views of {args.samples} samples")
     return 0
@@ -238,18 +245,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="up: start (idempotent); down: stop, data kept; status: JSON; env: print export lines")
     s.set_defaults(func=_storage)
 
-    s = sub.add_parser("shard", help="write a labeled image set as WebDataset shards (also: shard verify DEST)",
-                       description="Write SOURCE as WebDataset shards under DEST with a manifest.json. "
-                                   "Re-running resumes. `selfsup shard verify DEST` re-reads and checks every shard.")
-    s.add_argument("source", help="`fashion-mnist`, an ImageFolder directory (one subfolder per class) or an .npz "
-                                  "with `images` and `labels`")
+    s = sub.add_parser("shard", help="write an image set as WebDataset shards (also: shard verify DEST, shard index PATTERN)",
+                       description="Write SOURCE as WebDataset shards under DEST with a manifest.json. Re-running "
+                                   "resumes. `selfsup shard verify DEST` re-reads and checks every shard; `selfsup "
+                                   "shard index PATTERN` indexes shards that other tools wrote, in place.")
+    s.add_argument("source", help="`fashion-mnist`; a folder or s3://bucket/prefix of images, in class subfolders "
+                                  "(labeled) or flat (unlabeled); an .npz with `images` and `labels`; Parquet (a "
+                                  ".parquet file, or a folder or prefix of them with --image-column)")
     s.add_argument("dest", nargs="?", default=DEFAULT_DATA, help=f"s3://bucket/prefix or a directory (default {DEFAULT_DATA})")
     s.add_argument("--samples-per-shard", type=int, default=1000)
     s.add_argument("--format", choices=["png", "jpg"], help="image encoding (default: png for grey, jpg for RGB)")
     s.add_argument("--quality", type=int, default=95, help="JPEG quality")
     s.add_argument("--holdout", type=float, default=0.0,
-                   help="fraction held out as the `test` split (ImageFolder and .npz sources)")
-    s.add_argument("--workers", type=int, default=4, help="parallel encode/upload threads")
+                   help="fraction held out as the `test` split (folder, Parquet and .npz sources)")
+    s.add_argument("--image-column", help="Parquet: the column of image bytes (default `image`)")
+    s.add_argument("--label-column", help="Parquet: the column of labels, class indices or names (default: unlabeled)")
+    s.add_argument("--workers", type=int, default=4, help="parallel encode/upload threads (without a Ray cluster)")
     s.add_argument("--overwrite", action="store_true", help="replace a different data set already at DEST")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=_shard)
@@ -261,6 +272,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--decode", action="store_true", help="also decode every image (finds images damaged before "
                                                           "their shard's sha256 was taken)")
     s.set_defaults(func=_shard_verify)
+
+    s = sub.add_parser("shard-index", help=argparse.SUPPRESS,
+                       description="Write a manifest.json for WebDataset shards that other tools wrote (webdataset's "
+                                   "ShardWriter, img2dataset, tar), without rewriting them; on the Ray cluster when "
+                                   "RAY_ADDRESS names one. Training, eval and the dashboard then read them.")
+    s.add_argument("pattern", help="the shards: s3://bucket/photos/shard-{000000..000999}.tar, or *.tar in a folder")
+    s.add_argument("--test", help="a pattern of the test split's shards")
+    s.add_argument("--holdout", type=float, default=0.0, help="or: this fraction of the shards as the test split")
+    s.add_argument("--labels", default="cls", help="where a sample's label is: cls (a .cls member, an integer or a "
+                                                   "class name), json:FIELD (a field of its .json), none (unlabeled)")
+    s.add_argument("--out", help="the manifest's folder, one that holds the shards (default: their common folder)")
+    s.add_argument("--workers", type=int, default=4, help="shards read at once (without a Ray cluster)")
+    s.add_argument("--overwrite", action="store_true", help="replace a manifest of another data set (no shard is touched)")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=_shard_index)
     s = sub.add_parser("train", help="pretrain on Ray Train (resumes a run of the same storage.name)",
                        description="Train CONFIG (a YAML file or a shipped config name) with key=value overrides, "
                                    "on the Ray cluster RAY_ADDRESS names or on a local one.")
@@ -323,6 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("kind", choices=["knn", "linear", "finetune"])
     s.add_argument("run")
     s.add_argument("--root", default=DEFAULT_RUNS)
+    s.add_argument("--data", help="the labeled set to score on (s3://... or a directory with a manifest.json; default: "
+                                   "the run's eval.data_uri, else its data.uri)")
     s.add_argument("--train-samples", type=int, default=0, help="0: the whole train split")
     s.add_argument("--test-samples", type=int, default=0, help="0: the whole test split")
     s.add_argument("--checkpoint", help="a checkpoint name (default: the newest that loads)")
@@ -379,8 +407,8 @@ def main(argv: list[str] | None = None) -> int:
     unreachable storage, 130 Ctrl-C, 143 SIGTERM. Every error is one line on stderr."""
     argv = list(sys.argv[1:] if argv is None else argv)
     i = next((n for n, a in enumerate(argv) if not a.startswith("-")), len(argv))
-    if argv[i:i + 2] == ["shard", "verify"]:
-        argv = [*argv[:i], "shard-verify", *argv[i + 2:]]
+    if argv[i:i + 1] == ["shard"] and argv[i + 1:i + 2] in (["verify"], ["index"]):
+        argv = [*argv[:i], f"shard-{argv[i + 1]}", *argv[i + 2:]]
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)  # --help and usage errors end here, before torch is imported
     if extra:  # KEY=VALUE overrides after an option (`tune CONFIG --space S k=v`): argparse leaves them over

@@ -130,6 +130,10 @@ class TrainConfig(Strict):
 
 
 class EvalConfig(Strict):
+    # A labeled set for the kNN (its memory and queries); None: data.uri. Training reads data.uri,
+    # which may be unlabeled: then without this the kNN is off, with one warning.
+    data_uri: str | None = None
+    knn: bool = True  # false: no kNN while training
     every_epochs: float | None = Field(1.0, gt=0)  # None: only at the end
     at_start: bool = True  # kNN of the random init, the baseline every gain is measured against
     k: int = Field(20, ge=1)
@@ -218,6 +222,10 @@ class Config(Strict):
 
     def method_params(self) -> dict[str, Any]:
         return {k: v for k, v in self.method.model_dump().items() if k != "name"}
+
+    def eval_uri(self) -> str:
+        """The labeled set evaluation reads."""
+        return self.eval.data_uri or self.data.uri
 
     def view_size(self) -> int:
         v = self.data.views

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -12,7 +13,7 @@ import torch.nn.functional as F
 
 from selfsup.pipelines.endpoints import Endpoint
 from selfsup.pipelines.storage import open_store
-from selfsup.pipelines.decode import CorruptShard, shard_samples
+from selfsup.pipelines.decode import CorruptShard, Schema, shard_samples
 from selfsup.pipelines.views import Plain, make_views, to_model_input
 from selfsup.pipelines.shards import load_manifest
 from selfsup.platform.checkpoints import read_checkpoint
@@ -21,23 +22,34 @@ from selfsup.platform.runs import RunError
 log = logging.getLogger("selfsup.eval")
 
 
-def load_labeled(uri: str, split: str, limit: int = 0, seed: int = 0, ep: Endpoint | None = None, strict: bool = True):
+class NoLabels(RunError):
+    """Evaluation was asked of a data set without labels."""
+
+
+def load_labeled(uri: str, split: str, limit: int = 0, seed: int = 0, ep: Endpoint | None = None, strict: bool = True,
+                 labeled: bool = True):
     """(images: list of uint8 (C,H,W), labels (N,)) of a split, or of a fixed random subset of
-    `limit` samples (the same subset for every evaluation of every run with this seed). A corrupt
-    or missing shard raises CorruptShard naming it; with `strict=False` it is skipped with a warning."""
+    `limit` samples (the same subset for every evaluation of every run with this seed). With
+    `labeled`, only the samples that have a label, and NoLabels when the set has none; else label -1
+    marks a sample without one. A corrupt or missing shard raises CorruptShard naming it; with
+    `strict=False` it is skipped with a warning."""
     store = open_store(uri, ep)
     m = load_manifest(uri, store=store)
     if split not in m["splits"]:
         raise RunError(f"split {split!r} is not in {uri} (it has {', '.join(m['splits'])})")
-    shards = m["splits"][split]["shards"]
+    if labeled and m.get("labels") == "none":
+        raise NoLabels(f"{uri} has no labels (indexed with --labels none): evaluation needs a labeled set; give one "
+                       "as eval.data_uri (training) or --data URI (selfsup eval)")
+    shards, schema = m["splits"][split]["shards"], Schema.of(m)
+    starts = list(itertools.accumulate((s["num_samples"] for s in shards), initial=0))[:-1]
 
-    def read(s):
+    def read(s, start):
         try:
             try:
                 data = store.read(s["path"])
             except FileNotFoundError:
                 raise CorruptShard(f"{store.url(s['path'])}: missing") from None
-            return shard_samples(data, s["sha256"], name=store.url(s["path"]))
+            return shard_samples(data, s["sha256"], store.url(s["path"]), schema, start)
         except CorruptShard as e:
             if strict:
                 raise
@@ -45,11 +57,17 @@ def load_labeled(uri: str, split: str, limit: int = 0, seed: int = 0, ep: Endpoi
             return [], [], []
 
     with ThreadPoolExecutor(4) as pool:
-        parts = list(pool.map(read, shards))
+        parts = list(pool.map(read, shards, starts))
     images = [im for _, ims, _ in parts for im in ims]
     if not images:
         raise CorruptShard(f"split {split!r} of {uri} has no readable shard")
     labels = torch.tensor([y for _, _, ys in parts for y in ys])
+    if labeled and (labels < 0).any():  # samples without a label (`shard index` counted them)
+        keep = (labels >= 0).nonzero().squeeze(1)
+        if not len(keep):
+            raise NoLabels(f"split {split!r} of {uri} has no labeled sample: give a labeled set as eval.data_uri "
+                           "(training) or --data URI (selfsup eval)")
+        images, labels = [images[i] for i in keep], labels[keep]
     if limit and limit < len(images):
         keep = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:limit].sort().values
         images, labels = [images[i] for i in keep], labels[keep]
@@ -167,8 +185,10 @@ def load_run(run_uri: str, ep: Endpoint | None = None, checkpoint: str | None = 
 
 
 def evaluate_run(run_uri: str, kind: str, train_samples: int = 0, test_samples: int = 0, checkpoint: str | None = None,
-                 random_init: bool = False, teacher: bool = False, ep: Endpoint | None = None, log=print) -> dict:
-    """kNN or linear-probe accuracy of a run's backbone (newest good checkpoint, or random init)."""
+                 random_init: bool = False, teacher: bool = False, ep: Endpoint | None = None, log=print,
+                 data: str | None = None) -> dict:
+    """kNN or linear-probe accuracy of a run's backbone (newest good checkpoint, or random init), on
+    the labeled set `data` (default: the run's eval.data_uri, else its data.uri)."""
     from selfsup.platform.step import autocast_dtype
 
     cfg, method, used = load_run(run_uri, ep, checkpoint, random_init)
@@ -176,14 +196,14 @@ def evaluate_run(run_uri: str, kind: str, train_samples: int = 0, test_samples: 
         raise RunError(f"method {cfg.method.name!r} has no teacher (--teacher is for DINO-style runs)")
     backbone = method.teacher_backbone if teacher else method.backbone
     t0 = time.perf_counter()
-    strict = cfg.data.strict
-    train_imgs, train_y = load_labeled(cfg.data.uri, cfg.eval.train_split, train_samples, cfg.data.seed, ep, strict)
-    test_imgs, test_y = load_labeled(cfg.data.uri, cfg.eval.test_split, test_samples, cfg.data.seed + 1, ep, strict)
+    strict, uri = cfg.data.strict, data or cfg.eval_uri()
+    train_imgs, train_y = load_labeled(uri, cfg.eval.train_split, train_samples, cfg.data.seed, ep, strict)
+    test_imgs, test_y = load_labeled(uri, cfg.eval.test_split, test_samples, cfg.data.seed + 1, ep, strict)
     size = cfg.eval.image_size or cfg.view_size()
     dtype = autocast_dtype(cfg, torch.device("cpu"))
     feats = [extract_features(backbone, imgs, size, cfg.data.mean, cfg.data.std, cfg.model.in_chans, dtype=dtype)
              for imgs in (train_imgs, test_imgs)]
-    out = {"run": run_uri, "checkpoint": used, "backbone": "teacher" if teacher else "student",
+    out = {"run": run_uri, "data": uri, "checkpoint": used, "backbone": "teacher" if teacher else "student",
            "train_samples": len(train_y), "test_samples": len(test_y)}
     if kind == "knn":
         out["knn_top1"] = knn_top1(feats[0], train_y, feats[1], test_y, cfg.eval.k, cfg.eval.temperature)

@@ -146,16 +146,19 @@ def finetune(backbone: nn.Module, dim: int, train_imgs: list[torch.Tensor], trai
 
 
 def finetune_run(run_uri: str, p: FinetuneParams, checkpoint: str | None = None, teacher: bool = False,
-                 train_samples: int = 0, test_samples: int = 0, ep: Endpoint | None = None, log=print) -> dict:
+                 train_samples: int = 0, test_samples: int = 0, ep: Endpoint | None = None, log=print,
+                 data: str | None = None) -> dict:
     """Fine-tune a run's backbone (newest good checkpoint, or `checkpoint`) and the same backbone at
-    random init under one schedule; the table is written to the run's folder and returned."""
+    random init under one schedule, on the labeled set `data` (default: the run's eval.data_uri, else
+    its data.uri); the table is written to the run's folder and returned."""
     t0 = time.perf_counter()
     cfg, method, used = load_run(run_uri, ep, checkpoint)
     if teacher and not hasattr(method, "teacher_backbone"):
         raise RunError(f"method {cfg.method.name!r} has no teacher (--teacher is for DINO-style runs)")
     _, init, _ = load_run(run_uri, ep, random_init=True)
-    train_imgs, train_y = load_labeled(cfg.data.uri, cfg.eval.train_split, train_samples, cfg.data.seed, ep, cfg.data.strict)
-    test_imgs, test_y = load_labeled(cfg.data.uri, cfg.eval.test_split, test_samples, cfg.data.seed + 1, ep, cfg.data.strict)
+    uri = data or cfg.eval_uri()
+    train_imgs, train_y = load_labeled(uri, cfg.eval.train_split, train_samples, cfg.data.seed, ep, cfg.data.strict)
+    test_imgs, test_y = load_labeled(uri, cfg.eval.test_split, test_samples, cfg.data.seed + 1, ep, cfg.data.strict)
     keep = balanced_subset(train_y, p.fraction, p.seed)
     train_imgs, train_y = [train_imgs[i] for i in keep], train_y[keep]
     size = cfg.eval.image_size or cfg.view_size()

@@ -36,7 +36,8 @@ def fit_tokenizer(cfg: Config, out_uri: str, ep: Endpoint | None = None, log=pri
 
     t0 = time.perf_counter()
     p = cfg.method_params()
-    images, _ = load_labeled(cfg.data.uri, cfg.data.train_split, p.get("tokenizer_samples", 20000), cfg.data.seed, ep)
+    images, _ = load_labeled(cfg.data.uri, cfg.data.train_split, p.get("tokenizer_samples", 20000), cfg.data.seed, ep,
+                             labeled=False)
     x = tokenizer_inputs(cfg, images)
     patch = build_method(cfg).patch
     state = fit_codebook(x, patch, p.get("vocab_size", 512), seed=cfg.data.seed)

@@ -130,8 +130,8 @@ class Evaluator:
 
         c, e = self.cfg, self.cfg.eval
         if self.train is None:
-            self.train = load_labeled(c.data.uri, e.train_split, e.train_samples, c.data.seed, self.ep, c.data.strict)
-            self.test = load_labeled(c.data.uri, e.test_split, e.test_samples, c.data.seed + 1, self.ep, c.data.strict)
+            self.train = load_labeled(c.eval_uri(), e.train_split, e.train_samples, c.data.seed, self.ep, c.data.strict)
+            self.test = load_labeled(c.eval_uri(), e.test_split, e.test_samples, c.data.seed + 1, self.ep, c.data.strict)
         size = e.image_size or c.view_size()
         out = {}
         backbones = {"knn_top1": method.backbone}
@@ -240,7 +240,7 @@ def train_func(config: dict) -> None:
         log.warning("resumed from %s/%s at step %d on %d worker(s), epoch %d at %d of %d samples", run_uri,
                     restored, step, world, position.epoch, int(position.seen.sum()), n_train)
 
-    evaluator = Evaluator(cfg, ep, device, step_fn.dtype) if rank == 0 else None
+    evaluator = Evaluator(cfg, ep, device, step_fn.dtype) if rank == 0 and cfg.eval.knn else None
     reported = [None]  # the checkpoint rank 0 reported last (it may still be uploading)
 
     def report(row: dict, checkpoint_dir: str | None = None) -> None:
@@ -260,7 +260,7 @@ def train_func(config: dict) -> None:
                        epoch_samples_seen=int(position.seen.sum()), samples_repeated=position.repeated)
             if why:
                 row["checkpoint_reason"] = why
-        if eval_now and rank == 0:
+        if eval_now and evaluator:
             row.update(evaluator(method))
         if not ckpt_now:
             report(row)
@@ -304,7 +304,7 @@ def train_func(config: dict) -> None:
                         ", ".join(n[:8] for n in info.preempted_node_to_ranks), left, step)
         return "preemption"
 
-    if step == 0 and cfg.eval.at_start:
+    if step == 0 and cfg.eval.at_start and cfg.eval.knn:
         evaluate_and_checkpoint(True, False)
 
     def rollback(skipped: int, n: int) -> tuple[int, float]:
@@ -375,7 +375,7 @@ def train_func(config: dict) -> None:
                     row["bad_shards"] = _bad_shards(health)
                 report(row)
                 window_t, window_steps, sums = time.perf_counter(), 0, {}
-            eval_now = done or (eval_every is not None and step % eval_every == 0)
+            eval_now = cfg.eval.knn and (done or (eval_every is not None and step % eval_every == 0))
             why = preemption_notice()
             ckpt_now = why is not None or checkpoint_due() or done
             if eval_now or ckpt_now:

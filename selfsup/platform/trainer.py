@@ -190,6 +190,15 @@ def ensure_ray(num_cpus: int | None = None) -> bool:
     return True
 
 
+def join_cluster() -> bool:
+    """Join the Ray cluster RAY_ADDRESS names (`ray job submit` sets it) and say so; False without
+    one: `shard` and `shard index` then run in a thread pool here (a local Ray would only add its start)."""
+    if not os.environ.get("RAY_ADDRESS"):
+        return False
+    ensure_ray()
+    return True
+
+
 def worker_resources(cfg: Config) -> dict[str, float]:
     s = cfg.scaling
     return {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.gpus_per_worker else {}),
@@ -218,19 +227,29 @@ def check_resources(cfg: Config, fixed: bool) -> None:
     log_.warning("%s; waiting for the cluster to grow", msg)
 
 
-def preflight(cfg: Config, manifest: dict) -> int:
-    """Everything checkable before Ray starts; returns the train split's size."""
+def preflight(cfg: Config, manifest: dict, ep: Endpoint | None, log=print) -> tuple[Config, int]:
+    """Everything checkable before Ray starts; returns the config to run (the kNN off on an
+    unlabeled set without eval.data_uri) and the train split's size."""
     splits = manifest["splits"]
-    needed = {"data.train_split": cfg.data.train_split, "eval.train_split": cfg.eval.train_split,
-              "eval.test_split": cfg.eval.test_split}
-    for key, split in needed.items():
-        if split not in splits:
-            raise ConfigError(f"{key} {split!r} is not a split of {cfg.data.uri} (it has {', '.join(splits)})")
+    if cfg.data.train_split not in splits:
+        raise ConfigError(f"data.train_split {cfg.data.train_split!r} is not a split of {cfg.data.uri} "
+                          f"(it has {', '.join(splits)})")
     n_train = splits[cfg.data.train_split]["num_samples"]
     if n_train < cfg.data.batch_size:
         raise ConfigError(f"data.batch_size {cfg.data.batch_size} is larger than split {cfg.data.train_split!r} "
                           f"of {cfg.data.uri} ({n_train} samples)")
-    return n_train
+    if not cfg.eval.knn:
+        return cfg, n_train
+    labeled = manifest if cfg.eval_uri() == cfg.data.uri else load_manifest(cfg.eval_uri(), ep)
+    if labeled.get("labels") == "none":
+        if cfg.eval.data_uri:
+            raise ConfigError(f"eval.data_uri {cfg.eval.data_uri} has no labels: the kNN needs a labeled set")
+        log(f"warning: {cfg.data.uri} has no labels, so the kNN is off: give a labeled set as eval.data_uri to score the run")
+        return cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"knn": False})}), n_train
+    for key, split in {"eval.train_split": cfg.eval.train_split, "eval.test_split": cfg.eval.test_split}.items():
+        if split not in labeled["splits"]:
+            raise ConfigError(f"{key} {split!r} is not a split of {cfg.eval_uri()} (it has {', '.join(labeled['splits'])})")
+    return cfg, n_train
 
 
 @contextlib.contextmanager
@@ -333,9 +352,9 @@ def train(cfg: Config, log=print, callbacks: list = (), show_progress: bool = Fa
 
     from selfsup.pipelines.streaming import data_health_actor, stream_owner_actor
 
-    ep: Endpoint | None = resolve_endpoint() if is_s3(cfg.data.uri) else None
+    ep: Endpoint | None = resolve_endpoint() if is_s3(cfg.data.uri) or is_s3(cfg.eval_uri()) else None
     manifest = load_manifest(cfg.data.uri, ep)  # fails early, naming the URI, before Ray starts
-    n_train = preflight(cfg, manifest)
+    cfg, n_train = preflight(cfg, manifest, ep, log)
     if ep is None and is_s3(cfg.storage.root):
         ep = resolve_endpoint()
     if ep is not None:  # from here on an endpoint away for a while is waited for

@@ -19,11 +19,11 @@ reducer = c3.radio("2-D map", ["PCA", "UMAP"], horizontal=True, help="UMAP is sl
 
 
 @st.cache_resource(max_entries=8, show_spinner="computing features ...")
-def features(root: str, name: str, ckpt: str, split: str, n: int, seed: int):
+def features(root: str, name: str, ckpt: str, which: str, n: int):
     from selfsup.platform.evaluate import extract_features
 
     cfg, method, _ = data.model(root, name, ckpt)
-    images, labels, classes = data.labeled(cfg.data.uri, split, n, seed)
+    images, labels, classes = data.labeled(cfg, which, n)
     f = extract_features(method.backbone, images, cfg.eval.image_size or cfg.view_size(), cfg.data.mean,
                          cfg.data.std, cfg.model.in_chans)
     return f, labels, classes, images
@@ -41,19 +41,21 @@ def project(_f: torch.Tensor, key: tuple, how: str):
     return centred @ v[:, :2]
 
 
-test_f, test_y, classes, test_imgs = features(root, name, used, cfg.eval.test_split, n_test, cfg.data.seed + 1)
+test_f, test_y, classes, test_imgs = features(root, name, used, "test", n_test)
+has_labels = bool((test_y >= 0).any())
 xy = project(test_f, (name, used, n_test), reducer)
-label = [classes[int(y)] if int(y) < len(classes) else str(int(y)) for y in test_y]
+label = [data.class_name(classes, int(y)) for y in test_y]
 df = pd.DataFrame({"x": xy[:, 0].numpy(), "y": xy[:, 1].numpy(), "class": label, "index": range(len(label))})
-st.caption(f"{name} · {used} · {len(df)} test images · {test_f.shape[1]}-d features")
-st.altair_chart(alt.Chart(df, title=f"{reducer} of the features").mark_circle(size=14, opacity=0.7).encode(
-    x=alt.X("x:Q", axis=None), y=alt.Y("y:Q", axis=None), color=alt.Color("class:N"), tooltip=["index", "class"]),
-    width="stretch")
+st.caption(f"{name} · {used} · {len(df)} test images · {test_f.shape[1]}-d features"
+           + ("" if has_labels else " · the data set has no labels (eval.data_uri gives a labeled one)"))
+chart = alt.Chart(df, title=f"{reducer} of the features").mark_circle(size=14, opacity=0.7)
+encoding = dict(x=alt.X("x:Q", axis=None), y=alt.Y("y:Q", axis=None), tooltip=["index", "class"])
+st.altair_chart(chart.encode(**encoding, **({"color": alt.Color("class:N")} if has_labels else {})), width="stretch")
 
 st.subheader("nearest training images")
 k = st.slider("k", 1, 20, 8)
 i = st.number_input(f"query: test image (0-{len(test_imgs) - 1})", 0, len(test_imgs) - 1, 0)
-train_f, train_y, _, train_imgs = features(root, name, used, cfg.eval.train_split, n_train, cfg.data.seed)
+train_f, train_y, _, train_imgs = features(root, name, used, "train", n_train)
 sim, idx = (test_f[i:i + 1] @ train_f.T).topk(min(k, len(train_f)))
 SHOW = 96
 
@@ -65,7 +67,8 @@ def picture(img):
 
 hits = [int(j) for j in idx[0]]
 st.image([picture(test_imgs[i])] + [picture(train_imgs[j]) for j in hits],
-         caption=[f"query: {label[i]}"] + [f"{classes[int(train_y[j])] if int(train_y[j]) < len(classes) else int(train_y[j])}"
-                                           f" ({float(s):.2f})" for j, s in zip(hits, sim[0])])
-agree = sum(int(train_y[j]) == int(test_y[i]) for j in hits)
-st.caption(f"{agree} of {len(hits)} neighbours share the query's class")
+         caption=[f"query: {label[i]}"] + [f"{data.class_name(classes, int(train_y[j]))} ({float(s):.2f})"
+                                           for j, s in zip(hits, sim[0])])
+if has_labels and int(test_y[i]) >= 0:
+    agree = sum(int(train_y[j]) == int(test_y[i]) for j in hits)
+    st.caption(f"{agree} of {len(hits)} neighbours share the query's class")

@@ -13,7 +13,7 @@ SHOW = 128
 st.title("Reconstructions")
 root = data.root()
 name, cfg, method, used = pick_model(root, lambda r: r.get("method") in ("mae", "simmim"), why="MAE or SimMIM runs")
-images, labels, classes = data.labeled(cfg.data.uri, cfg.eval.test_split, 500, cfg.data.seed)
+images, labels, classes = data.labeled(cfg, "test", 500)
 c1, c2, c3 = st.columns(3)
 most = min(16, len(images))
 n = c1.slider("test images", 1, most, min(6, most)) if most > 1 else 1
@@ -38,6 +38,5 @@ st.caption(f"{name} · {used} · {cfg.data.views.strategy} masking of {ratio:.0%
            f"{(size // cfg.data.views.patch_size) ** 2} patches")
 pix = {k: pictures.to_pixels(v, cfg) for k, v in out.items()}
 for j in range(n):
-    y = int(labels[j])
     st.image([big(pix[k][j]) for k in ("original", "masked", "reconstruction")],
-             caption=[f"original ({classes[y] if y < len(classes) else y})", "masked input", "reconstruction"])
+             caption=[f"original ({data.class_name(classes, int(labels[j]))})", "masked input", "reconstruction"])
