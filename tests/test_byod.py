@@ -254,6 +254,10 @@ def test_bad_input_is_one_line_each(s3, tmp_path, capsys):
     # --out outside the shards' folder: the manifest's paths would reach outside it
     assert main(["shard", "index", "s3://byod/bad/*.tar", "--out", "s3://byod/elsewhere", "--overwrite"]) == 2
     assert "must be in a folder that holds the shards" in _err(capsys)[0]
+    # a brace range with a shard missing: indexed, the missing one named
+    assert main(["shard", "index", "s3://byod/bad/{a,c,e}.tar", "--overwrite", "--quiet"]) == 0
+    assert _err(capsys)[0] == ("warning: 1 shards that s3://byod/bad/{a,c,e}.tar names do not exist (first: "
+                               "'s3://byod/bad/e.tar')")
     assert main(["shard", "index", "s3://byod/bad/*.tar", "--labels", "yaml"]) == 2
     assert _err(capsys) == ["selfsup: error: --labels 'yaml': give cls, json:FIELD or none"]
 

@@ -96,27 +96,30 @@ def expand(pattern: str) -> list[str]:
     return out
 
 
-def match(pattern: str, ep: Endpoint | None = None) -> list[str]:
-    """The shard URIs a pattern names that exist, sorted. Exit 2 (SourceError) when none does."""
+def match(pattern: str, ep: Endpoint | None = None, log=print) -> list[str]:
+    """The shard URIs a pattern names that exist, sorted (a glob only in file names: `*.tar`, not
+    `*/x.tar`); one line names those of a brace range that do not. Exit 2 (SourceError) when none does."""
     if not pattern.endswith(".tar") and not pattern.endswith("*"):
         raise SourceError(f"{pattern}: a shard pattern names .tar files (shard-{{000000..000099}}.tar or *.tar)")
-    found = []
+    found, missing = [], []
     # one listing per folder: the keys are few next to the samples, and an existence check each is slower
     names = expand(pattern)
     for folder, group in itertools.groupby(sorted(names), key=posixpath.dirname):
         wanted = [posixpath.basename(n) for n in group]
-        if any(_BRACES.search(w) for w in wanted):
-            raise SourceError(f"{pattern}: braces in a folder name are not supported")
         store = open_store(folder, ep)
         try:
             present = {k for k in store.list() if "/" not in k}
         except FileNotFoundError:
             present = set()
         for w in wanted:
-            found += [f"{folder}/{k}" for k in sorted(present) if fnmatch.fnmatchcase(k, w)] if any(
-                c in w for c in "*?[") else ([f"{folder}/{w}"] if w in present else [])
+            if any(c in w for c in "*?["):
+                found += [f"{folder}/{k}" for k in sorted(present) if fnmatch.fnmatchcase(k, w)]
+            else:
+                (found if w in present else missing).append(f"{folder}/{w}")
     if not found:
         raise SourceError(f"no shard matches {pattern}")
+    if missing:
+        log(f"warning: {_named(len(missing), missing, f'shards that {pattern} names do not exist')}")
     return sorted(set(found))
 
 
@@ -273,8 +276,8 @@ def index(pattern: str, opts: IndexOptions, ep: Endpoint | None = None, progress
         raise SourceError(f"--holdout must be in [0, 1), got {opts.holdout}")
     if opts.test and opts.holdout:
         raise SourceError("give --test or --holdout, not both")
-    train = match(pattern, ep)
-    test = match(opts.test, ep) if opts.test else []
+    train = match(pattern, ep, log)
+    test = match(opts.test, ep, log) if opts.test else []
     if set(train) & set(test):
         raise SourceError(f"--test {opts.test} names shards that {pattern} names too")
     root, keys = common_root(train + test, opts.out)

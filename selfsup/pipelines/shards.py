@@ -15,6 +15,7 @@ Manifest (format version 1):
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -265,6 +266,7 @@ def _on_ray(source: Source, store: Store, fmt: str, quality: int, todo: list, re
     if not todo:
         return
     dest, ep = store.uri, getattr(store, "ep", None)
+    source = dataclasses.replace(source, splits={})  # every task gets the source: its items travel in the rows
     rows = [{"path": p, "split": sp, "start": st, "refs": [it.ref for it in items], "labels": [it.label for it in items]}
             for p, sp, st, items in todo]
 

@@ -196,6 +196,7 @@ def join_cluster() -> bool:
     if not os.environ.get("RAY_ADDRESS"):
         return False
     ensure_ray()
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # its start and end of every dataset, at INFO
     return True
 
 
