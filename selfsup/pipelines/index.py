@@ -33,7 +33,7 @@ from selfsup.pipelines.decode import IMAGE_EXTS, Schema, decode_image, group_sam
 from selfsup.pipelines.endpoints import Endpoint, StorageError
 from selfsup.pipelines.locks import locked
 from selfsup.pipelines.shards import FORMAT, MANIFEST, VERSION
-from selfsup.pipelines.images import MAX_CLASSES, SourceError
+from selfsup.pipelines.images import MAX_CLASSES, SourceError, grey
 from selfsup.pipelines.storage import check_key, is_s3, open_store, split_s3
 
 # Members that are sample metadata, not images: not counted as ignored (img2dataset writes .txt captions).
@@ -159,7 +159,7 @@ def index_shard(data: bytes, path: str, labels: str) -> ShardReport:
         try:
             decode_image(img)
             with Image.open(io.BytesIO(img)) as im:
-                r.modes["L" if im.mode in ("L", "1", "LA", "I", "F") or im.mode.startswith("I;16") else "RGB"] += 1
+                r.modes["L" if grey(im) else "RGB"] += 1
                 if len(r.sizes) < 2 or (im.height, im.width) in r.sizes:  # one size or several is all that counts
                     r.sizes[(im.height, im.width)] += 1
                 r.formats[{"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}.get(im.format, str(im.format).lower())] += 1

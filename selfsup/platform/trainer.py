@@ -235,21 +235,23 @@ def preflight(cfg: Config, manifest: dict, ep: Endpoint | None, log=print) -> tu
     if cfg.data.train_split not in splits:
         raise ConfigError(f"data.train_split {cfg.data.train_split!r} is not a split of {cfg.data.uri} "
                           f"(it has {', '.join(splits)})")
+    if cfg.eval.knn:
+        labeled = manifest if cfg.eval_uri() == cfg.data.uri else load_manifest(cfg.eval_uri(), ep)
+        if labeled.get("labels") == "none":
+            if cfg.eval.data_uri:
+                raise ConfigError(f"eval.data_uri {cfg.eval.data_uri} has no labels: the kNN needs a labeled set")
+            log(f"warning: {cfg.data.uri} has no labels, so the kNN is off: give a labeled set as eval.data_uri to "
+                "score the run")
+            cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"knn": False})})
+        else:
+            for key, split in {"eval.train_split": cfg.eval.train_split, "eval.test_split": cfg.eval.test_split}.items():
+                if split not in labeled["splits"]:
+                    raise ConfigError(f"{key} {split!r} is not a split of {cfg.eval_uri()} "
+                                      f"(it has {', '.join(labeled['splits'])})")
     n_train = splits[cfg.data.train_split]["num_samples"]
     if n_train < cfg.data.batch_size:
         raise ConfigError(f"data.batch_size {cfg.data.batch_size} is larger than split {cfg.data.train_split!r} "
                           f"of {cfg.data.uri} ({n_train} samples)")
-    if not cfg.eval.knn:
-        return cfg, n_train
-    labeled = manifest if cfg.eval_uri() == cfg.data.uri else load_manifest(cfg.eval_uri(), ep)
-    if labeled.get("labels") == "none":
-        if cfg.eval.data_uri:
-            raise ConfigError(f"eval.data_uri {cfg.eval.data_uri} has no labels: the kNN needs a labeled set")
-        log(f"warning: {cfg.data.uri} has no labels, so the kNN is off: give a labeled set as eval.data_uri to score the run")
-        return cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"knn": False})}), n_train
-    for key, split in {"eval.train_split": cfg.eval.train_split, "eval.test_split": cfg.eval.test_split}.items():
-        if split not in labeled["splits"]:
-            raise ConfigError(f"{key} {split!r} is not a split of {cfg.eval_uri()} (it has {', '.join(labeled['splits'])})")
     return cfg, n_train
 
 
