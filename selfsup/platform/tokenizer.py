@@ -28,6 +28,18 @@ def tokenizer_inputs(cfg: Config, images: list[torch.Tensor]) -> torch.Tensor:
                       for i in range(0, len(images), 1024)])
 
 
+def fit_command(config: str, overrides: list[str], out_uri: str) -> str:
+    """`selfsup tokenizer fit CONFIG --out URI`."""
+    from selfsup.pipelines.endpoints import resolve_endpoint
+    from selfsup.pipelines.storage import is_s3
+    from selfsup.platform.config import ConfigError, load_config
+
+    cfg = load_config(config, overrides)
+    if cfg.method.name != "beit":
+        raise ConfigError(f"tokenizer fit is for method beit; {config} trains {cfg.method.name!r}")
+    return fit_tokenizer(cfg, out_uri, resolve_endpoint() if is_s3(cfg.data.uri) or is_s3(out_uri) else None)
+
+
 def fit_tokenizer(cfg: Config, out_uri: str, ep: Endpoint | None = None, log=print) -> str:
     """Fit k-means visual words on `method.tokenizer_samples` train images at the view size; write to out_uri."""
     from selfsup.methods.beit import fit_codebook
