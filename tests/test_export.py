@@ -23,7 +23,7 @@ OUTSIDE = """
 import sys, torch, timm
 m = timm.create_model("local-dir:" + sys.argv[1], pretrained=True).eval()
 assert "selfsup" not in sys.modules
-torch.save(m(torch.load(sys.argv[2])).detach(), sys.argv[3])
+torch.save(m(torch.load(sys.argv[2], weights_only=True)).detach(), sys.argv[3])
 print(m.pretrained_cfg["mean"], m.pretrained_cfg["input_size"])
 """
 
@@ -48,7 +48,7 @@ def _features_outside(folder, x, tmp_path) -> torch.Tensor:
     r = subprocess.run([sys.executable, "-c", OUTSIDE, str(folder), str(tmp_path / "x.pt"), str(tmp_path / "y.pt")],
                        capture_output=True, text=True, env=env, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
-    return torch.load(tmp_path / "y.pt")
+    return torch.load(tmp_path / "y.pt", weights_only=True)
 
 
 @pytest.mark.parametrize("run,teacher", [("resnet", False), ("dino", False), ("dino", True)])
