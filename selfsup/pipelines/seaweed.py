@@ -42,6 +42,11 @@ PORT_FLAGS = (
 ADMIN_GRPC_OFFSET = 10000
 FLOCK, LOCK_CONFLICT = "flock", 75  # util-linux's flock(1), in every Debian (Essential)
 GRPC_SOCKET_SERVICES = ("master", "volume", "filer", "s3", "admin")
+# Every bucket is a collection of its own, with at least one volume. Left at 0, weed allows free disk
+# / volume size (up to 1 GiB) volumes: 14 buckets on a disk with 15 GB free, and the next one's
+# writes fail with InternalError. Volumes are sparse files, so the count costs nothing up front;
+# a full disk is still guarded by weed's -minFreeSpace.
+MAX_VOLUMES = 1000
 
 
 def selfsup_home() -> Path:
@@ -307,7 +312,7 @@ class EmbeddedS3:
             FLOCK, "--no-fork", "--nonblock", f"--conflict-exit-code={LOCK_CONFLICT}", str(self.lock_file),
             weed_binary(), f"-logdir={self.logs}", "mini", f"-dir={self.data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
             *(f"-{flag}={port}" for flag, port in ports.items()),
-            "-s3.port.iceberg=0", "-s3.port.lance=0", "-webdav=false", "-admin.ui=false",
+            "-s3.port.iceberg=0", "-s3.port.lance=0", "-webdav=false", "-admin.ui=false", f"-volume.max={MAX_VOLUMES}",
             "-master.telemetry=false", f"-s3.config={s3_json}", "-s3.allowDeleteBucketNotEmpty=false",
             f"-s3.localSocket={sock_dir / 's3.sock'}", f"-filer.localSocket={sock_dir / 'filer.sock'}",
         ]
