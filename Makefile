@@ -15,7 +15,7 @@ setup: $(STAMP) $(FMNIST)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -e '.[dev,export,trackers]'
 	touch $@
 
 $(FMNIST):

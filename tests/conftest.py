@@ -120,3 +120,27 @@ def tiny_labeled(s3, tiny_npz):
     m = write_shards(open_source(str(tiny_npz), holdout=0.25), uri, ShardOptions(samples_per_shard=8),
                      progress=False, log=lambda *_: None)
     return uri, m
+
+
+@pytest.fixture(scope="session")
+def model_runs(ray_local, tiny_labeled):
+    """Two finished 2-step runs for export, embed and the Python API: a ResNet (SimCLR, trained
+    through `selfsup.train`) and a DINO ViT with its teacher, at 16 px on the tiny labeled set."""
+    import selfsup
+    from selfsup.platform.config import load_config
+    from selfsup.platform.trainer import train
+
+    data, _ = tiny_labeled
+    root = "s3://test-runs/export"
+    common = {"data.uri": data, "data.batch_size": 8, "eval.knn": False, "schedule.steps": 2,
+              "scaling.num_workers": 1, "train.precision": "fp32", "storage.root": root}
+    summary = selfsup.train(**common, **{"model.name": "resnet10t", "model.cifar_stem": False, "storage.name": "resnet",
+                                         "data.views.view0.size": 16, "data.views.view1.size": 16,
+                                         "method.proj_hidden_dim": 32, "method.proj_dim": 16})
+    assert summary["status"] == "finished" and summary["step"] == 2
+    train(load_config("dino_vit_tiny", [*(f"{k}={v}" for k, v in common.items()), "storage.name=dino",
+                                        "model.kwargs={img_size: 16, patch_size: 4, dynamic_img_size: true}",
+                                        "data.views.global_view.size=16", "data.views.local_view.size=8",
+                                        "data.views.n_local=2", "method.out_dim=64", "method.hidden_dim=32",
+                                        "method.bottleneck_dim=16"]), log=lambda *_: None)
+    return {"resnet": f"{root}/resnet", "dino": f"{root}/dino", "data": data}

@@ -144,8 +144,24 @@ def test_embeddings_page_maps_and_retrieves(runs):
     pics = images(at)
     assert pics[0].caption.startswith("query:") and len(pics) == 1 + 8
     assert any("neighbours share the query's class" in c.value for c in at.caption)
-    at.radio[0].set_value("UMAP").run()
+    at.radio[1].set_value("UMAP").run()
     assert not at.exception and charts(at)
+
+
+def test_embeddings_page_opens_an_embed_output_under_the_root(runs, tiny_labeled):
+    from selfsup.platform.embed import embed
+
+    embed(f"{ROOT}/dino-vit", tiny_labeled[0], f"{ROOT}/dino-vit/embeddings")
+    at = app("embeddings")
+    at.radio[0].set_value("from a `selfsup embed` output").run()
+    at.text_input[0].set_value("dino-vit/embeddings").run()
+    assert not at.exception and not at.error and charts(at)
+    table = at.dataframe[0].value
+    assert list(table.columns) == ["key", "class", "similarity"] and len(table) == 8
+    assert table["similarity"].is_monotonic_decreasing
+    for bad in ("../dino-vit/embeddings", "/etc", "dino-vit/nothing-here"):
+        at.text_input[0].set_value(bad).run()
+        assert not at.exception and at.error, bad
 
 
 def test_reconstructions_page_shows_original_masked_and_reconstruction(runs):

@@ -1,5 +1,5 @@
 """`selfsup export`: a run's backbone alone, loaded outside selfsup (timm's local-dir in a process
-that never imports selfsup; TorchScript; safetensors) with the checkpoint's features; bad input."""
+that never imports selfsup; TorchScript; safetensors; ONNX in onnxruntime) with the checkpoint's features; bad input."""
 
 import json
 import os
@@ -11,13 +11,9 @@ import torch
 
 from selfsup.pipelines.storage import open_store
 from selfsup.platform.cli import main
-from selfsup.platform.config import load_config
 from selfsup.platform.evaluate import load_run
-from selfsup.platform.trainer import train
 
 ROOT = "s3://test-runs/export"
-COMMON = ["data.batch_size=8", "eval.knn=false", "schedule.steps=2", "scaling.num_workers=1", "train.precision=fp32",
-          f"storage.root={ROOT}"]
 # Runs in a fresh interpreter: imports timm and torch only, never selfsup.
 OUTSIDE = """
 import sys, torch, timm
@@ -29,17 +25,8 @@ print(m.pretrained_cfg["mean"], m.pretrained_cfg["input_size"])
 
 
 @pytest.fixture(scope="module")
-def runs(ray_local, tiny_labeled):
-    data, _ = tiny_labeled
-    train(load_config(None, [f"data.uri={data}", *COMMON, "model.name=resnet10t", "model.cifar_stem=false",
-                             "data.views.view0.size=16", "data.views.view1.size=16", "method.proj_hidden_dim=32",
-                             "method.proj_dim=16", "storage.name=resnet"]), log=lambda *_: None)
-    train(load_config("dino_vit_tiny", [f"data.uri={data}", *COMMON, "storage.name=dino",
-                                        "model.kwargs={img_size: 16, patch_size: 4, dynamic_img_size: true}",
-                                        "data.views.global_view.size=16", "data.views.local_view.size=8",
-                                        "data.views.n_local=2", "method.out_dim=64", "method.hidden_dim=32",
-                                        "method.bottleneck_dim=16"]), log=lambda *_: None)
-    return {"resnet": f"{ROOT}/resnet", "dino": f"{ROOT}/dino"}
+def runs(model_runs):
+    return model_runs
 
 
 def _features_outside(folder, x, tmp_path) -> torch.Tensor:
@@ -89,6 +76,24 @@ def test_torchscript_and_safetensors_exports_match(runs, tmp_path):
         assert (model.eval()(x) - expected).abs().max() <= 1e-5
 
 
+@pytest.mark.parametrize("run,teacher", [("resnet", False), ("dino", True)])
+def test_onnx_export_runs_in_onnxruntime_at_any_batch_size_with_the_checkpoints_features(runs, run, teacher, tmp_path):
+    import onnxruntime
+
+    _, method, _ = load_run(runs[run])
+    backbone = (method.teacher_backbone if teacher else method.backbone).eval()
+    assert main(["export", runs[run], "--format", "onnx", "--out", str(tmp_path / "o"),
+                 *(["--teacher"] if teacher else [])]) == 0
+    assert sorted(os.listdir(tmp_path / "o")) == ["model.onnx", "selfsup.json"]
+    session = onnxruntime.InferenceSession(str(tmp_path / "o" / "model.onnx"), providers=["CPUExecutionProvider"])
+    for n in (1, 7):
+        x = torch.randn(n, 3, 16, 16)
+        with torch.no_grad():
+            expected = backbone(x).numpy()
+        got = session.run(["features"], {"images": x.numpy()})[0]
+        assert got.shape == expected.shape and abs(got - expected).max() <= 1e-4
+
+
 def test_export_to_s3(runs):
     assert main(["export", runs["resnet"], "--format", "timm", "--out", "s3://test-runs/exported/resnet"]) == 0
     assert sorted(open_store("s3://test-runs/exported/resnet").list()) == ["config.json", "model.safetensors",
@@ -103,7 +108,7 @@ def test_bad_export_requests_are_one_line_exit_2(runs, tmp_path, capsys):
         return lines[0]
 
     run = runs["resnet"]
-    assert "--format 'keras': give one of timm, safetensors, torchscript" in err(
+    assert "--format 'keras': give one of timm, safetensors, torchscript, onnx" in err(
         ["export", run, "--format", "keras", "--out", str(tmp_path / "a")])
     assert "has no teacher" in err(["export", run, "--format", "timm", "--teacher", "--out", str(tmp_path / "b")])
     (tmp_path / "c").mkdir()

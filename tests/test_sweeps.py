@@ -75,7 +75,8 @@ def _sweep_cmd(data):
             "--name", "sw", f"data.uri={data}", "data.batch_size=8", "data.views.view0.size=16",
             "data.views.view1.size=16", "model.name=resnet10t", "model.cifar_stem=false", "method.proj_hidden_dim=64",
             "method.proj_dim=32", "scaling.num_workers=1", "scaling.cpus_per_worker=1", "eval.train_samples=0", "eval.test_samples=0", "eval.k=1000",
-            "eval.every_epochs=1", "eval.at_start=false", "schedule.epochs=2", f"storage.root={ROOT}"]
+            "eval.every_epochs=1", "eval.at_start=false", "schedule.epochs=2", f"storage.root={ROOT}",
+            "train.loggers=[mlflow]"]
 
 
 def _statuses(store):
@@ -148,6 +149,21 @@ def test_a_sweep_killed_mid_way_continues_on_rerun_and_asha_stops_the_worse_tria
     assert "stopped" in r.stdout and sweep["best"] in r.stdout
     # the console is ours: none of Tune's experiment table, result paths or TensorBoard hints
     assert not any(s in r.stdout + r.stderr for s in ("Configuration for experiment", "View detailed results", "tensorboard"))
+
+    # MLflow (train.loggers): the sweep is a parent run and each trial a finished or killed run under it,
+    # in the store under SELFSUP_HOME (the runs are in object storage)
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'home' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("selfsup").experiment_id])
+    parent = [x for x in runs if x.info.run_name == "sw"]
+    assert len(parent) == 1 and parent[0].info.status == "FINISHED"
+    children = {x.info.run_name: x for x in runs if x.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id}
+    assert set(children) == set(trials)
+    for name, x in children.items():
+        assert x.data.params["eval.temperature"] == str(trials[name]["params"]["eval.temperature"])
+        assert x.data.metrics["knn_top1"] == [r for r in read_metrics(open_store(f"{ROOT}/sw/{name}"))
+                                              if r["kind"] == "eval"][-1]["knn_top1"]
 
     # the best config trains as it is, straight from storage, as `sweeps show` says (a new run under
     # the base config's root)

@@ -19,7 +19,7 @@ LIVE_REFRESH_S = 5
 
 
 def root() -> str:
-    from selfsup.platform.cli import DEFAULT_RUNS
+    from selfsup.platform.api import DEFAULT_RUNS
 
     return os.environ.get(ROOT_ENV) or DEFAULT_RUNS
 
@@ -115,3 +115,44 @@ def sweep_uri(root: str, name: str) -> str:
     from selfsup.platform.runs import check_name
 
     return join(root, check_name(name, "sweep"))
+
+
+EMBEDDING_COLUMNS = ("key", "label", "split", "embedding")
+
+
+@st.cache_resource(max_entries=4, show_spinner="reading the embeddings ...")
+def embeddings(root: str, folder: str, split: str | None, limit: int, seed: int = 0):
+    """(keys, labels (-1: none), features (N, D)) of a fixed random subset of `limit` rows of a
+    `selfsup embed` output: `folder` under the root (names only: nothing outside it is read), the
+    rows of `split` or, when it has none of that split, all of them."""
+    import numpy as np
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pads
+    import torch
+
+    from selfsup.pipelines.storage import fs_and_path
+    from selfsup.platform.runs import RunError, check_name
+
+    parts = folder.strip("/").split("/")
+    for p in parts:
+        check_name(p, "folder")
+    uri = join(root, *parts)
+    fs, path = fs_and_path(uri, endpoint(root))
+    try:
+        ds = pads.dataset(path, filesystem=fs, format="parquet")
+        missing = [c for c in EMBEDDING_COLUMNS if c not in ds.schema.names]
+        if missing:
+            raise RunError(f"{uri} is not a `selfsup embed` output (no {', '.join(missing)} column)")
+        table = ds.to_table(columns=list(EMBEDDING_COLUMNS))
+    except (OSError, ValueError) as e:  # pyarrow: no such folder, not Parquet, unreadable
+        raise RunError(f"{uri}: {' '.join(str(e).split())[:300]}") from None
+    if split is not None and pc.any(pc.equal(table["split"], split)).as_py():
+        table = table.filter(pc.equal(table["split"], split))
+    if limit < table.num_rows:
+        table = table.take(np.sort(np.random.default_rng(seed).permutation(table.num_rows)[:limit]))
+    if not table.num_rows:
+        raise RunError(f"{uri} holds no rows")
+    emb = table["embedding"].combine_chunks()
+    feats = torch.from_numpy(emb.flatten().to_numpy(zero_copy_only=False).reshape(len(emb), -1).copy())
+    labels = torch.tensor(table["label"].fill_null(-1).to_pylist(), dtype=torch.long)
+    return table["key"].to_pylist(), labels, torch.nn.functional.normalize(feats.float(), dim=1)

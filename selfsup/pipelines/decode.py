@@ -266,10 +266,11 @@ def to_channels(t: torch.Tensor, channels: int | None) -> torch.Tensor:
 
 
 def shard_samples(data: bytes, expected_sha256: str | None = None, name: str = "shard", schema: Schema = Schema(),
-                  start: int = 0):
+                  start: int = 0, keys: list[str] | None = None):
     """(indices, images, labels) of one shard's bytes; raises CorruptShard naming the shard. A
     sample's index is `start` (its shard's first, from the manifest) plus its place in the shard.
-    Members of other types are ignored, and so is a sample without an image (`shard index` names them)."""
+    Members of other types are ignored, and so is a sample without an image (`shard index` names them).
+    `keys`: a list that gets each returned sample's WebDataset key (what `embed` writes)."""
     if expected_sha256 is not None and hashlib.sha256(data).hexdigest() != expected_sha256:
         raise CorruptShard(f"{name}: sha256 does not match the manifest (corrupt or replaced)")
     try:
@@ -283,6 +284,8 @@ def shard_samples(data: bytes, expected_sha256: str | None = None, name: str = "
             idx.append(start + len(idx))
             images.append(to_channels(decode_image(img), schema.channels))
             labels.append(schema.label(parts))
+            if keys is not None:
+                keys.append(key)
     except CorruptShard:
         raise
     except Exception as e:  # tar, decode and label failures alike

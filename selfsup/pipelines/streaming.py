@@ -94,7 +94,7 @@ def _report_bad(health: str | None, path: str, error: str) -> None:
 
 def decode_shards(batch: dict, sha: dict[str, str], strict: bool, health: str | None, spec=None,
                   batch_size: int = 256, seen: bytes | None = None, starts: dict[str, int] | None = None,
-                  schema: Schema = Schema()):
+                  schema: Schema = Schema(), keys: bool = False):
     """Shards -> decoded samples (index, image, label), or -> views when `spec` is given.
 
     One function for both so that Ray runs each shard in its own task and streams its output in
@@ -102,15 +102,17 @@ def decode_shards(batch: dict, sha: dict[str, str], strict: bool, health: str | 
     `spec`: the view spec's fields (`model_dump()`), not the model: the split coordinator unpickles
     these arguments too, and the model's module would import torch there (~2.5 s of a busy core
     in every new stream). `seen`: a bitmap (np.packbits) of sample indices to leave out. `starts`:
-    each shard's first sample index; `schema`: how its samples read (decode.Schema)."""
+    each shard's first sample index; `schema`: how its samples read (decode.Schema); `keys`: a `key`
+    column of WebDataset keys (decoded samples only)."""
     done = np.unpackbits(np.frombuffer(seen, np.uint8)).astype(bool) if seen else None
     if spec is not None:
         from selfsup.pipelines.views import VIEW_KINDS, Plain
 
         spec = {**VIEW_KINDS, "plain": Plain}[spec["kind"]].model_validate(spec)
     for data, path in zip(batch["bytes"], batch["path"]):
+        names = [] if keys else None
         try:
-            idx, images, labels = shard_samples(data, sha.get(path), path, schema, (starts or {}).get(path, 0))
+            idx, images, labels = shard_samples(data, sha.get(path), path, schema, (starts or {}).get(path, 0), names)
         except CorruptShard as e:
             if strict:
                 raise
@@ -119,8 +121,11 @@ def decode_shards(batch: dict, sha: dict[str, str], strict: bool, health: str | 
         if done is not None:
             keep = [i for i, k in enumerate(idx) if k >= len(done) or not done[k]]
             idx, images, labels = [idx[i] for i in keep], [images[i] for i in keep], [labels[i] for i in keep]
+            names = names and [names[i] for i in keep]
         for i in range(0, len(idx), batch_size):
             out = {"index": np.asarray(idx[i:i + batch_size], np.int64), "label": np.asarray(labels[i:i + batch_size], np.int64)}
+            if names:
+                out["key"] = np.asarray(names[i:i + batch_size], dtype=object)
             if spec is None:
                 out["image"] = _to_column(images[i:i + batch_size])
             else:
@@ -164,11 +169,12 @@ def shard_ranges(paths: list[str], manifest: dict, split: str) -> dict[str, tupl
 
 def read_split(manifest_uri: str, split: str, ep: Endpoint | None = None, seed: int | None = 0,
                strict: bool = False, health: str | None = None, spec=None, batch_size: int = 256,
-               epoch: int = 0, seen: np.ndarray | None = None):
+               epoch: int = 0, seen: np.ndarray | None = None, keys: bool = False):
     """One epoch of a split as a Ray Dataset: decoded samples (index, image uint8 C,H,W, label), or
     with `spec` the training stream of views (batch keys as views.py documents them). Shards come
     in `epoch_order(seed, epoch)`; `seen` (bool per sample index) leaves out samples already
-    trained on, and shards with none left are not read at all (None when no shard is left)."""
+    trained on, and shards with none left are not read at all (None when no shard is left). `keys`:
+    decoded samples also carry their WebDataset `key`."""
     import ray.data
     from pyarrow.fs import FileType
 
@@ -196,7 +202,7 @@ def read_split(manifest_uri: str, split: str, ep: Endpoint | None = None, seed: 
                               fn_kwargs={"sha": sha, "strict": strict, "health": health,
                                          "spec": None if spec is None else spec.model_dump(),
                                          "batch_size": batch_size, "seen": packed, "schema": Schema.of(manifest),
-                                         "starts": {p: r[0] for p, r in ranges.items()}})
+                                         "starts": {p: r[0] for p, r in ranges.items()}, "keys": keys})
 
 
 def data_health_actor(name: str):

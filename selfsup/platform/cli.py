@@ -7,11 +7,8 @@ import json
 import os
 import sys
 
-DEFAULT_DATA = "s3://selfsup/datasets/fashion-mnist"
-DEFAULT_RUNS = "s3://selfsup/runs"
-
-
-from selfsup.platform import data_commands
+from selfsup.platform import api, data_commands
+from selfsup.platform.api import DEFAULT_DATA, DEFAULT_RUNS
 from selfsup.platform.usage import UsageError, positive as _positive
 
 
@@ -54,8 +51,7 @@ def _train(args) -> int:
     from selfsup.platform.config import load_config
     from selfsup.platform.trainer import train
 
-    cfg = load_config(args.config, args.overrides)
-    summary = train(cfg, show_progress=True)
+    summary = train(load_config(args.config, args.overrides), show_progress=True)
     print(json.dumps(summary, indent=1))
     return 0 if summary["status"] == "finished" else 1
 
@@ -154,11 +150,20 @@ def _tokenizer_fit(args) -> int:
 
 
 def _export(args) -> int:
-    from selfsup.platform.export import export
+    meta = api.export(args.run, args.format, args.out, args.checkpoint, args.teacher, args.overwrite, args.root)
+    print(f"exported the {meta['backbone']} backbone of {meta['run']} ({meta['checkpoint']}) as {args.format} to {args.out}")
+    return 0
+
+
+def _embed(args) -> int:
+    from selfsup.platform.embed import embed
     from selfsup.platform.runs import resolve_run
 
-    meta = export(resolve_run(args.run, args.root), args.format, args.out, args.checkpoint, args.teacher, args.overwrite)
-    print(f"exported the {meta['backbone']} backbone of {meta['run']} ({meta['checkpoint']}) as {args.format} to {args.out}")
+    out = embed(resolve_run(args.run, args.root), args.data, args.out, args.split, args.batch_size, args.workers,
+                args.gpus_per_worker, args.cpus_per_worker, args.checkpoint, args.teacher, args.overwrite, progress=True)
+    rows = ", ".join(f"{split} {n:,}" for split, n in out["rows"].items())
+    print(f"embedded {rows} samples ({out['dim']} features, {out['backbone']} backbone) to {out['out']} "
+          f"in {out['time_s']:.0f} s")
     return 0
 
 
@@ -248,15 +253,33 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_runs)
 
     s = sub.add_parser("export", help="a run's backbone alone (timm: timm.create_model('local-dir:OUT', pretrained=True)"
-                       "; safetensors; torchscript), with selfsup.json naming its run, checkpoint and input")
+                       "; safetensors; torchscript; onnx), with selfsup.json naming its run, checkpoint and input")
     s.add_argument("run")
-    s.add_argument("--format", required=True, help="timm, safetensors or torchscript")
+    s.add_argument("--format", required=True, help="timm, safetensors, torchscript or onnx")
     s.add_argument("--out", required=True, help="a folder or s3://bucket/prefix")
     s.add_argument("--root", default=DEFAULT_RUNS)
     s.add_argument("--checkpoint", help="a checkpoint name (default: the newest that loads)")
     s.add_argument("--teacher", action="store_true", help="the EMA teacher's backbone (DINO)")
     s.add_argument("--overwrite", action="store_true", help="replace what OUT holds")
     s.set_defaults(func=_export)
+
+    s = sub.add_parser("embed", help="a data set's embeddings by a run's backbone, as Parquet (Ray Data batch inference)",
+                       description="Embed every sample of DATA (or of --split) with RUN's backbone; OUT/<split>/*.parquet "
+                       "holds key, label, split and embedding (a fixed-size list of float32).")
+    s.add_argument("run")
+    s.add_argument("data", help="shards that selfsup reads (the folder or prefix of their manifest.json)")
+    s.add_argument("out", help="a folder or s3://bucket/prefix for the Parquet files")
+    s.add_argument("--split", action="append", help="a split to embed (repeatable; default: every split)")
+    s.add_argument("--batch-size", type=int, default=256)
+    s.add_argument("--workers", type=int, default=1, help="model actors (Ray Data concurrency)")
+    s.add_argument("--cpus-per-worker", type=float, default=1, help="each actor's CPUs (its torch threads); "
+                   "Ray Data's read tasks need a CPU beside the actors")
+    s.add_argument("--gpus-per-worker", type=float, default=0)
+    s.add_argument("--root", default=DEFAULT_RUNS)
+    s.add_argument("--checkpoint", help="a checkpoint name (default: the newest that loads)")
+    s.add_argument("--teacher", action="store_true", help="the EMA teacher's backbone (DINO)")
+    s.add_argument("--overwrite", action="store_true", help="replace what OUT holds")
+    s.set_defaults(func=_embed)
 
     s = sub.add_parser("eval", help="kNN, linear-probe or fine-tuning accuracy of a run's backbone",
                        description="Evaluate a run's newest good checkpoint (or its random init): knn = weighted kNN "

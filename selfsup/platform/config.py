@@ -127,6 +127,7 @@ class TrainConfig(Strict):
     rollback_after_skipped: int = Field(20, ge=1)  # updates skipped in a row (non-finite) before a rollback
     max_rollbacks: int = Field(3, ge=0)  # rollbacks to the last complete checkpoint before the run fails
     keep_checkpoints: int | None = Field(None, ge=1)  # None: keep every checkpoint
+    loggers: list[Literal["mlflow", "tensorboard"]] = []  # trackers beside metrics.jsonl (platform/trackers.py)
 
 
 class EvalConfig(Strict):

@@ -80,15 +80,20 @@ def extract_features(backbone: torch.nn.Module, images: list[torch.Tensor], size
     """L2-normalised features of the centre square of each image resized to `size`, eval-mode BN."""
     was_training = backbone.training
     backbone.eval()
-    feats = []
-    ctx = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
-    for i in range(0, len(images), batch_size):
-        v = make_views(images[i:i + batch_size], Plain(size=size), torch.Generator())
-        x = to_model_input(v, mean, std, in_chans, device)["image"]
-        with ctx:
-            feats.append(backbone(x).float())
+    feats = [batch_features(backbone, images[i:i + batch_size], size, mean, std, in_chans, device, dtype)
+             for i in range(0, len(images), batch_size)]
     backbone.train(was_training)
     return F.normalize(torch.cat(feats), dim=1).cpu()
+
+
+@torch.no_grad()
+def batch_features(backbone: torch.nn.Module, images: list[torch.Tensor], size: int, mean, std, in_chans: int = 3,
+                   device=torch.device("cpu"), dtype: torch.dtype | None = None) -> torch.Tensor:
+    """fp32 features of a batch of uint8 (C, H, W) images: each one's centre square resized to `size`
+    and normalised, through `backbone` as it is (eval mode is the caller's), autocast to `dtype`."""
+    x = to_model_input(make_views(images, Plain(size=size), torch.Generator()), mean, std, in_chans, device)["image"]
+    with torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext():
+        return backbone(x).float()
 
 
 def knn_top1(train_f: torch.Tensor, train_y: torch.Tensor, test_f: torch.Tensor, test_y: torch.Tensor,

@@ -35,6 +35,7 @@ from selfsup.methods import METHODS
 from selfsup.pipelines.endpoints import Endpoint, environ, resolve_endpoint
 from selfsup.pipelines.storage import Store, fs_and_path, is_s3, join, open_store
 from selfsup.platform.config import Config, ConfigError, load_config, load_yaml, read_text, to_yaml, validate
+from selfsup.platform.trackers import close_trackers, open_trackers
 from selfsup.platform.runs import (BEST, SPACE, SUMMARY, SWEEP, TRIAL, TRIALS, TUNE_DIR, best_trial, check_name,
                                    evals, now, read_metrics, read_summary, read_sweep, trials_csv, trials_of)
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
@@ -216,7 +217,8 @@ def _trial(params: dict, spec: dict) -> None:
         for row in evals(read_metrics(store), spec["metric"]):
             tune.report(_numbers(row))
         return
-    train(space.config(params, spec["uri"], name), log=lambda *_: None, callbacks=[EvalsToTune(spec["metric"])])
+    train(space.config(params, spec["uri"], name), log=lambda *_: None, callbacks=[EvalsToTune(spec["metric"])],
+          tracker_parent=spec.get("mlflow_parent"))
 
 
 class Progress(tune.Callback):
@@ -318,8 +320,12 @@ def tune_sweep(config: str | None, overrides: list[str], space: str | None = Non
         max_concurrent = max_trials_at_once(base)
     log(f"sweep {name}: {uri} ({searcher} search, {samples} sample(s) of space {space_name!r}, "
         f"{max_concurrent} trial(s) at once" + (", continuing" if previous else "") + ")")
+    # with MLflow among train.loggers, the sweep is a parent run and each trial a run under it
+    parent = open_trackers([x for x in base.train.loggers if x == "mlflow"], store, uri, name, spec, None,
+                           lambda line: log(f"warning: {line}"))
     trial_spec = {"config": spec["config"], "space_name": space_name, "space": sp.as_dict(), "uri": uri,
-                  "ep": dataclasses.asdict(ep) if ep else None, "metric": metric}
+                  "ep": dataclasses.asdict(ep) if ep else None, "metric": metric,
+                  "mlflow_parent": parent}
     trainable = tune.with_resources(tune.with_parameters(_trial, spec=trial_spec), TRIAL_RESOURCES)
     fs, root_path = fs_and_path(uri, ep)
     tune_path = f"{root_path.rstrip('/')}/{TUNE_DIR}"
@@ -346,7 +352,12 @@ def tune_sweep(config: str | None, overrides: list[str], space: str | None = Non
     # Tune 2.60's default output engine prints its experiment table and result paths even at
     # verbose=0; the legacy engine at verbosity 0 prints nothing (our Progress callback reports)
     with environ({"RAY_AIR_NEW_OUTPUT": "0"}):
-        results = tuner.fit()
+        try:
+            results = tuner.fit()
+        except BaseException:
+            close_trackers(parent, "failed", lambda line: log(f"warning: {line}"))
+            raise
+    close_trackers(parent, "finished", lambda line: log(f"warning: {line}"))
     errored = {Path(r.path).name for r in results if r.error is not None}  # a trial's folder is its id
     return finish_sweep(store, state, sp, ep, errored)
 

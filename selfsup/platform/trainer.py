@@ -31,6 +31,7 @@ from selfsup.platform.elastic import NODE_HEALTH, fast_coordinator, lean_trainer
 from selfsup.platform.runs import (CONFIG, HEARTBEAT_S, METRICS, SUMMARY, RunError, RunFailed, merge_row, now, one_line_cause,
                                    read_metrics, read_summary, summarise, write_heartbeat)
 from selfsup.platform.tokenizer import fit_tokenizer
+from selfsup.platform.trackers import TrackerLog, Trackers, close_trackers, open_trackers
 
 log_ = logging.getLogger("selfsup.train")
 
@@ -79,9 +80,10 @@ class MetricsLog(ray.train.UserCallback):
     ends the run on a failure that a restart cannot fix (instead of train.max_failures restarts
     into the same error)."""
 
-    def __init__(self, run_uri: str, ep: Endpoint | None, summary: dict, keep: int | None):
-        self.run_uri, self.ep, self.base, self.keep = run_uri, ep, summary, keep
+    def __init__(self, run_uri: str, ep: Endpoint | None, summary: dict, keep: int | None, trackers: Trackers | None):
+        self.run_uri, self.ep, self.base, self.keep, self.trackers = run_uri, ep, summary, keep, trackers
         self._store: Store | None = None
+        self._tracker_log: TrackerLog | None = None
         self.rows: list[dict] | None = None
         self.failure: str | None = None  # the last failure's cause, until the next report
         self.restarts = 0  # worker-group restarts after a failure
@@ -118,6 +120,9 @@ class MetricsLog(ray.train.UserCallback):
                 log_.warning("could not delete old checkpoints of %s: %s", self.run_uri, one_line_cause(e))
         self.rows = merge_row(self.rows, row)
         store.write(METRICS, "".join(json.dumps(r) + "\n" for r in self.rows).encode())
+        if self.trackers is not None:
+            self._tracker_log = self._tracker_log or TrackerLog(self.trackers, store)
+            self._tracker_log.log(row)
         # A report still in flight when the driver ended the run must not turn its status back.
         if _stored_status(store) in (None, "running"):
             store.write(SUMMARY, json.dumps(summarise(self.rows, {**self.base, "status": "running"}), indent=1).encode())
@@ -311,7 +316,7 @@ def _fit(trainer) -> None:
 
 
 def _make_trainer(cfg: Config, ep: Endpoint | None, run_uri: str, base: dict, n_train: int, data_actors: dict,
-                  callbacks: list):
+                  callbacks: list, trackers: Trackers | None = None):
     """The TorchTrainer of the run: workers (elastic between scaling.min_workers and num_workers),
     storage, metrics callback. The data stream is planned per epoch (train_loop.py) by the run's
     stream owner; `data_actors`: the names of it ("streams") and of the data-health actor ("health")."""
@@ -336,7 +341,8 @@ def _make_trainer(cfg: Config, ep: Endpoint | None, run_uri: str, base: dict, n_
         torch_config=LocalStoreTorchConfig(),  # DDP's rendezvous store on the node's address, not the wildcard
         run_config=RunConfig(
             name=base["name"], storage_path=root_path, storage_filesystem=fs,
-            callbacks=[MetricsLog(run_uri, ep, base, cfg.train.keep_checkpoints), StopStreams(data_actors["streams"]),
+            callbacks=[MetricsLog(run_uri, ep, base, cfg.train.keep_checkpoints, trackers),
+                       StopStreams(data_actors["streams"]),
                        *callbacks],
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             # MetricsLog keeps the newest train.keep_checkpoints *complete* ones (checkpoints.prune)
@@ -346,10 +352,12 @@ def _make_trainer(cfg: Config, ep: Endpoint | None, run_uri: str, base: dict, n_
     )
 
 
-def train(cfg: Config, log=print, callbacks: list = (), show_progress: bool = False) -> dict:
+def train(cfg: Config, log=print, callbacks: list = (), show_progress: bool = False,
+          tracker_parent: Trackers | None = None) -> dict:
     """Run (or resume) training; returns the run's summary. `callbacks`: more Ray Train
     UserCallbacks (a sweep's trial reports its evaluations to Tune with one); `show_progress`:
-    the console's progress line on stderr (`selfsup train`, the demo)."""
+    the console's progress line on stderr (`selfsup train`, the demo); `tracker_parent`: the
+    MLflow run this one belongs under (a sweep's)."""
     from selfsup.platform.console import progress
     from ray.data import DataContext
 
@@ -379,6 +387,8 @@ def train(cfg: Config, log=print, callbacks: list = (), show_progress: bool = Fa
     write_heartbeat(store)
     store.write(SUMMARY, json.dumps({**previous, **base, "status": "running"}, indent=1).encode())
     log(f"run {name}: {run_uri}" + (" (resuming)" if previous else ""))
+    trackers = open_trackers(cfg.train.loggers, store, run_uri, name, cfg.model_dump(mode="json"), tracker_parent,
+                             lambda line: log(f"warning: {line}"))
 
     status, error, actors = "failed", None, []
     try:
@@ -391,7 +401,7 @@ def train(cfg: Config, log=print, callbacks: list = (), show_progress: bool = Fa
                 actors = [data_health_actor(names["health"]), stream_owner_actor(names["streams"])]
                 fast_coordinator()
                 with environ(train_env(cfg)), progress(store) if show_progress else contextlib.nullcontext():
-                    _fit(_make_trainer(cfg, ep, run_uri, base, n_train, names, list(callbacks)))
+                    _fit(_make_trainer(cfg, ep, run_uri, base, n_train, names, list(callbacks), trackers))
         status = "finished"
     except KeyboardInterrupt:
         status, error = "interrupted", "stopped by Ctrl-C"
@@ -418,6 +428,7 @@ def train(cfg: Config, log=print, callbacks: list = (), show_progress: bool = Fa
             summary["error"] = error[:2000]
         with contextlib.suppress(Exception):  # storage gone: the error in flight matters more
             store.write(SUMMARY, json.dumps(summary, indent=1).encode())
+        close_trackers(trackers, status, lambda line: log(f"warning: {line}"))
     return summary
 
 
