@@ -103,7 +103,7 @@ def ray_head(s3):
         assert not left, f"Ray processes of this test still running: {left}"
 
 
-def test_ray_job_submit_runs_a_training_job_and_a_sweep_to_completion(ray_head, tiny_labeled, tmp_path):
+def test_ray_job_submit_runs_a_training_job_its_embedding_and_a_sweep_to_completion(ray_head, tiny_labeled, tmp_path):
     url, env, head_s = ray_head
     data, _ = tiny_labeled
     root, name = "s3://test-runs/jobs", "submitted"
@@ -129,6 +129,20 @@ def test_ray_job_submit_runs_a_training_job_and_a_sweep_to_completion(ray_head, 
     print(f"\nray start --head until the dashboard answers: {head_s:.1f} s; ray job submit until SUCCEEDED: "
           f"{submit_s:.1f} s, of which the run's driver (selfsup train) {summary['wall_time_s']:.1f} s, of which "
           f"training steps {train_rows[-1]['elapsed_s']:.1f} s")
+
+    # that run's embeddings as a job: Ray Data actors on the cluster, Parquet in storage
+    r = subprocess.run(
+        [RAY, "job", "submit", f"--address={url}", "--submission-id=selfsup-test-embed", f"--working-dir={REPO}",
+         "--", "python", "-m", "selfsup", "embed", f"{root}/{name}", data, f"{root}/{name}/embeddings"],
+        env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    from selfsup.pipelines.shards import load_manifest
+
+    splits = load_manifest(data)["splits"]
+    assert (f"embedded train {splits['train']['num_samples']}, test {splits['test']['num_samples']} samples"
+            in r.stdout), r.stdout[-2000:]
+    parquet = [k for k in open_store(f"{root}/{name}/embeddings").list() if k.endswith(".parquet")]
+    assert {k.split("/")[0] for k in parquet} == {"train", "test"}
 
     # a sweep as a job too, with the model-based searcher: two trials of one 1-CPU worker on the head's
     # 2 CPUs, where two trials at once would leave no CPU for Ray Data's read tasks and wait forever
