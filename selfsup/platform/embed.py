@@ -1,7 +1,7 @@
 """`selfsup embed`: a run's backbone over a whole data set, written as Parquet (Ray Data batch inference).
 
     read_split (one per split: decoded samples with their WebDataset keys)
-      -> map_batches(Embedder, concurrency=N, num_gpus=G): actors that each load the backbone once
+      -> map_batches(Embedder, an actor pool of N): actors that each load the backbone once
       -> write_parquet(OUT/<split>/): key, label (null without one), split, embedding (float32 list)
 
 The features are the evaluator's (`selfsup eval knn` gets the same from the same checkpoint): each
@@ -34,13 +34,12 @@ class Embedder:
     a pyarrow table of the output's columns out."""
 
     def __init__(self, run_uri: str, checkpoint: str | None, teacher: bool, split: str, counter, ep: Endpoint | None):
+        import ray
         import torch
 
         from selfsup.platform.step import autocast_dtype
 
         cfg, method, _ = load_run(run_uri, ep, checkpoint)
-        import ray
-
         self.device = torch.device("cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu")
         # Ray gives a fractional CPU one thread; a whole number of CPUs as many
         torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
