@@ -35,13 +35,14 @@ def features(root: str, name: str, ckpt: str, which: str, n: int):
     return f, labels, classes, images
 
 
-def project_and_plot(f: torch.Tensor, y: torch.Tensor, classes: list[str], key: tuple, caption: str):
-    """The 2-D map of `f`, coloured by class when there are labels; the labels as names."""
+def project_and_plot(f: torch.Tensor, y: torch.Tensor, classes: list[str], key: tuple, caption: str, unlabeled: str):
+    """The 2-D map of `f`, coloured by class when there are labels (else `unlabeled` says why not);
+    the labels as names."""
     has_labels = bool((y >= 0).any())
     xy = project(f, key, reducer)
     label = [data.class_name(classes, int(c)) for c in y]
     df = pd.DataFrame({"x": xy[:, 0].numpy(), "y": xy[:, 1].numpy(), "class": label, "index": range(len(label))})
-    st.caption(caption + ("" if has_labels else " · no labels"))
+    st.caption(caption + ("" if has_labels else f" · {unlabeled}"))
     chart = alt.Chart(df, title=f"{reducer} of the features").mark_circle(size=14, opacity=0.7)
     encoding = dict(x=alt.X("x:Q", axis=None), y=alt.Y("y:Q", axis=None), tooltip=["index", "class"])
     st.altair_chart(chart.encode(**encoding, **({"color": alt.Color("class:N")} if has_labels else {})), width="stretch")
@@ -68,7 +69,8 @@ if source != "of a checkpoint":
         st.error(plain(f"{folder}: {e}"))
         st.stop()
     label, has_labels = project_and_plot(test_f, test_y, [], (folder, n_test),
-                                         f"{folder} · {len(test_f)} queries · {test_f.shape[1]}-d features")
+                                         f"{folder} · {len(test_f)} queries · {test_f.shape[1]}-d features",
+                                         "the embedded set has no labels")
     st.subheader("nearest neighbours")
     k = st.slider("k", 1, 20, 8)
     i = st.number_input(f"query (0-{len(test_f) - 1})", 0, len(test_f) - 1, 0)
@@ -82,7 +84,8 @@ if source != "of a checkpoint":
 name, cfg, method, used = pick_model(root)
 test_f, test_y, classes, test_imgs = features(root, name, used, "test", n_test)
 label, has_labels = project_and_plot(test_f, test_y, classes, (name, used, n_test),
-                                     f"{name} · {used} · {len(test_f)} test images · {test_f.shape[1]}-d features")
+                                     f"{name} · {used} · {len(test_f)} test images · {test_f.shape[1]}-d features",
+                                     "the data set has no labels (eval.data_uri gives a labeled one)")
 
 st.subheader("nearest training images")
 k = st.slider("k", 1, 20, 8)
