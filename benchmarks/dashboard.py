@@ -92,6 +92,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def browser_page(pw):
+    """(browser, page): Debian's headless Chromium with nothing that calls out, a 1400x1500 page."""
+    browser = pw.chromium.launch(executable_path=shutil.which("chromium"), args=[
+        "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", "--no-first-run"])
+    return browser, browser.new_page(viewport={"width": 1400, "height": 1500})
+
+
 def time_page(page_name: str, ready, home: str) -> tuple[float, float]:
     """(seconds from navigation to drawn, seconds the server took to answer) for one cold start."""
     from playwright.sync_api import sync_playwright
@@ -104,10 +112,7 @@ def time_page(page_name: str, ready, home: str) -> tuple[float, float]:
     up = time.perf_counter() - t0
     try:
         with sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=shutil.which("chromium"), args=[
-                "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                "--disable-sync", "--no-first-run"])
-            page = browser.new_page(viewport={"width": 1400, "height": 1500})
+            browser, page = browser_page(pw)
             base, query = url.split("?")
             t0 = time.perf_counter()
             page.goto(f"{base}{page_name}?{query}")

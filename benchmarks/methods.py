@@ -69,10 +69,12 @@ def weights_hash(module) -> str:
     return weights_sha256(module)
 
 
-def train_method(method: str, budget: float, steps: int | None, batch: int, extra: list[str]):
+def train_method(method: str, budget: float, steps: int | None, batch: int, extra: list[str], config: str | None = None,
+                 teacher=None):
     """Train `method` Ray-free for `budget` seconds (or `steps`) on the Fashion-MNIST train images,
     each epoch every image once in a seeded order: (method, config, step, result row, images,
-    labels, hash of the initial backbone)."""
+    labels, hash of the initial backbone). `config`: another shipped config than config_name's;
+    `teacher`: distill's frozen teacher, a module."""
     import torch
 
     from selfsup.methods import METHODS
@@ -83,7 +85,7 @@ def train_method(method: str, budget: float, steps: int | None, batch: int, extr
     torch.manual_seed(0)
     kind = METHODS[method].view_kind
     length = f"schedule.steps={steps}" if steps else f"schedule.time_budget_s={budget}"
-    name = config_name(method)
+    name = config or config_name(method)
     cfg = load_config(name, [length, f"data.batch_size={batch}", *VIEWS[kind], *([HALF_WIDTH] if "resnet" in name else []), *extra])
     images, labels = fashion("train")
     m = build_method(cfg, num_samples=len(images))
@@ -98,6 +100,9 @@ def train_method(method: str, budget: float, steps: int | None, batch: int, extr
         buf = io.BytesIO()
         torch.save(fit_codebook(x["image"], m.patch, cfg.method_params()["vocab_size"]), buf)
         m.load_tokenizer(buf.getvalue())
+    if teacher is not None:
+        size = cfg.view_size()
+        m.set_teacher(teacher, (cfg.model.in_chans, size, size))
     step = TrainStep(m, cfg, torch.device("cpu"))
     per_epoch = len(images) // batch
     progress = Progress(cfg, steps_per_epoch=per_epoch)

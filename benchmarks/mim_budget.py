@@ -57,14 +57,20 @@ def protocols(backbone, dim: int, cfg, train, test, ft, quick: bool) -> dict:
 
 
 def child(args) -> dict:
+    m, cfg, step, res, images, labels, init_hash = train_method(args.child, args.budget, 2 if args.quick else None,
+                                                                 32 if args.quick else 256, args.set)
+    return evaluate_row(m, cfg, res, images, labels, init_hash, args)
+
+
+def evaluate_row(m, cfg, res: dict, images, labels, init_hash: str, args) -> dict:
+    """`res` with the three protocols on the trained backbone and on the same seed's random init
+    (computed once per initial weights, pooling and protocol settings, and kept in args.cache)."""
     import torch
 
     from selfsup.platform.finetune import FinetuneParams
     from selfsup.platform.step import build_method
 
     ft = FinetuneParams(fraction=args.ft_fraction, epochs=args.ft_epochs)
-    m, cfg, step, res, images, labels, init_hash = train_method(args.child, args.budget, 2 if args.quick else None,
-                                                                 32 if args.quick else 256, args.set)
     test = fashion("test")
     train = (images, labels)
     if args.quick:  # a check of the script: small evaluation sets
@@ -88,13 +94,7 @@ def child(args) -> dict:
 def write_table(rows: list[dict], args) -> None:
     key = {"label": args.label, "budget": args.budget, "set": args.set, "ft": [args.ft_fraction, args.ft_epochs]}
     table = keep_rows(ROWS, key, {r["method"]: {**r, "commit": commit()} for r in rows})
-    lines = ["| method | kNN (random init) | linear probe (random init) | fine-tuning, "
-             f"{args.ft_fraction:.0%} labels (random init) | steps | images/s | code |", "|---|---|---|---|---|---|---|"]
-    for name in MASKED:
-        if name in table:
-            r, ri = table[name], table[name]["random_init"]
-            cells = [f"{r[k]:.2f}% ({ri[k]:.2f}%, {r[k] - ri[k]:+.2f})" for k in ("knn", "linear", "finetune")]
-            lines.append(f"| {name} | {' | '.join(cells)} | {r['steps']} | {r['images_per_s']:.1f} | {r['commit']} |")
+    lines = protocol_table(table, MASKED, "method", args.ft_fraction)
     extra = f"\nExtra overrides: `{' '.join(args.set)}`." if args.set else ""
     title = "Masked-image methods under a fixed CPU budget, three protocols (issue 19)" + (f", {args.label}" if args.label else "")
     write_section(title, "\n".join(lines) + extra + f"""
@@ -111,18 +111,34 @@ linear head), scored on all 10,000 test images (platform/finetune.py). Rows are 
 "code" is the commit each row was measured with.""")
 
 
-def main():
-    ap = argparse.ArgumentParser()
+def protocol_table(table: dict, order, first: str, ft_fraction: float) -> list[str]:
+    """Markdown rows of the three protocols beside the random init, for the rows of `table` in `order`."""
+    lines = [f"| {first} | kNN (random init) | linear probe (random init) | fine-tuning, "
+             f"{ft_fraction:.0%} labels (random init) | steps | images/s | code |", "|---|---|---|---|---|---|---|"]
+    for name in order:
+        if name in table:
+            r, ri = table[name], table[name]["random_init"]
+            cells = [f"{r[k]:.2f}% ({ri[k]:.2f}%, {r[k] - ri[k]:+.2f})" for k in ("knn", "linear", "finetune")]
+            lines.append(f"| {name} | {' | '.join(cells)} | {r['steps']} | {r['images_per_s']:.1f} | {r['commit']} |")
+    return lines
+
+
+def protocol_args(ap: argparse.ArgumentParser, cache: str) -> None:
+    """The options every three-protocol benchmark takes; `cache`: its random-init file's name."""
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--budget", type=float, default=900.0, help="seconds of training per method")
-    ap.add_argument("--only", nargs="*", choices=MASKED, help="a subset of the methods")
-    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra overrides for every method")
+    ap.add_argument("--budget", type=float, default=900.0, help="seconds of training per row")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra overrides for every row")
     ap.add_argument("--label", default="", help="names this variant in RESULTS.md")
     ap.add_argument("--ft-fraction", type=float, default=0.1)
     ap.add_argument("--ft-epochs", type=int, default=10)
     ap.add_argument("--child", help=argparse.SUPPRESS)
-    ap.add_argument("--cache", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "mim_budget_init.json"),
-                    help=argparse.SUPPRESS)
+    ap.add_argument("--cache", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), cache), help=argparse.SUPPRESS)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    protocol_args(ap, "mim_budget_init.json")
+    ap.add_argument("--only", nargs="*", choices=MASKED, help="a subset of the methods")
     args = ap.parse_args()
     if args.quick and not args.child:  # a check of the script: its numbers are kept nowhere
         args.ft_fraction, args.ft_epochs = 0.05, 1

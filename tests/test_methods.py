@@ -215,11 +215,20 @@ def _tiny(method, *extra):
                         {"beit": "data.views.strategy=blockwise", "maskfeat": "data.views.strategy=blockwise",
                          "ijepa": "data.views.strategy=multiblock"}.get(method, "data.views.strategy=random")]}
     model = (["model.name=vit_tiny_patch16_224", "model.cifar_stem=false",
-              "model.kwargs={img_size: 16, patch_size: 4, depth: 2}"] if kind == "masked" else
-             ["model.name=resnet10t", "model.cifar_stem=false"])
+              "model.kwargs={img_size: 16, patch_size: 4, depth: 2, dynamic_img_size: true}"]
+             if kind == "masked" or method == "dinov2" else ["model.name=resnet10t", "model.cifar_stem=false"])
+    own = {"dinov2": ["data.views.masks.patch_size=4"], "distill": ["method.teacher=(attached by the test)"]}
     cfg = load_config(None, [f"method.name={method}", *model, "data.batch_size=32", "schedule.steps=6",
-                             "optim.warmup_fraction=0", *views[kind], *extra])
+                             "optim.warmup_fraction=0", *views[kind], *own.get(method, []), *extra])
     return cfg
+
+
+def tiny_teacher() -> torch.nn.Module:
+    """A frozen random ViT for distill's unit tests: 16 px, patch 4 (a 4x4 grid of patch tokens)."""
+    from selfsup.methods.backbones import build_backbone
+
+    torch.manual_seed(1)
+    return build_backbone("vit_tiny_patch16_224", img_size=16, patch_size=4, depth=2)[0]
 
 
 def test_mocov2_queue_and_momentum_encoder():
@@ -302,6 +311,7 @@ def test_short_run_on_real_images_has_no_nan_and_no_collapse(method):
     extra = {"swav": ["method.n_prototypes=64", "method.queue_length=64", "method.queue_start_fraction=0.3"],
              "deepclusterv2": ["method.n_prototypes=[8,12]", "method.recluster_every_steps=2"],
              "dino": ["method.out_dim=256", "method.use_bn_in_head=true"], "mocov2": ["method.queue_size=64"],
+             "dinov2": ["method.out_dim=256", "method.hidden_dim=128"], "distill": ["method.queue_size=64"],
              "beit": ["method.vocab_size=16"],
              "mae": ["method.decoder_dim=32", "method.decoder_depth=1"], "ijepa": ["method.pred_dim=24", "method.pred_depth=1"]
              }.get(method, [])
@@ -318,6 +328,8 @@ def test_short_run_on_real_images_has_no_nan_and_no_collapse(method):
         buf = io.BytesIO()
         torch.save(fit_codebook(x, 4, 16), buf)
         m.load_tokenizer(buf.getvalue())
+    if method == "distill":
+        m.set_teacher(tiny_teacher(), (3, 16, 16))
     step = TrainStep(m, cfg, torch.device("cpu"))
     m.start_epoch(0)
     outs = []

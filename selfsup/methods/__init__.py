@@ -6,6 +6,8 @@ from selfsup.methods.beit import BEiT
 from selfsup.methods.byol import BYOL
 from selfsup.methods.deepclusterv2 import DeepClusterV2
 from selfsup.methods.dino import DINO
+from selfsup.methods.dinov2 import DINOv2
+from selfsup.methods.distill import Distill
 from selfsup.methods.ijepa import IJEPA
 from selfsup.methods.mae import MAE
 from selfsup.methods.maskfeat import MaskFeat
@@ -26,6 +28,7 @@ METHODS: dict[str, type[Method]] = {
     "byol": BYOL,
     "simsiam": SimSiam,
     "dino": DINO,
+    "dinov2": DINOv2,
     "barlowtwins": BarlowTwins,
     "vicreg": VICReg,
     "mae": MAE,
@@ -33,4 +36,5 @@ METHODS: dict[str, type[Method]] = {
     "beit": BEiT,
     "maskfeat": MaskFeat,
     "ijepa": IJEPA,
+    "distill": Distill,
 }

@@ -23,7 +23,8 @@ def build_backbone(name: str, cifar_stem: bool = False, in_chans: int = 3, **kwa
     if cifar_stem:
         if not (hasattr(model, "conv1") and hasattr(model, "maxpool")):
             raise ValueError(f"model.cifar_stem applies to ResNet-style models; {name!r} has no conv1/maxpool")
-        out = model.conv1.out_channels
+        # a deep stem (resnet10t, resnet*d) is a Sequential of convolutions: its width is the last one's
+        out = [m for m in model.conv1.modules() if isinstance(m, nn.Conv2d)][-1].out_channels
         model.conv1 = nn.Conv2d(in_chans, out, kernel_size=3, stride=1, padding=1, bias=False)
         model.maxpool = nn.Identity()
     return model, model.num_features

@@ -33,6 +33,7 @@ class Params(BaseModel):
 class Method(nn.Module):
     view_kind: ClassVar[str]
     mask_strategies: ClassVar[tuple[str, ...]] = ()  # for view_kind "masked": the strategies it can use
+    masks_global_crops: ClassVar[bool] = False  # for view_kind "multi_crop": it reads data.views.masks
     Params: ClassVar[type[Params]] = Params
 
     def __init__(self, backbone: nn.Module, feat_dim: int, params: Params, num_samples: int | None = None):

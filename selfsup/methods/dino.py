@@ -51,14 +51,21 @@ def dino_loss(student: list[torch.Tensor], teacher: list[torch.Tensor], center: 
               student_temp: float, teacher_temp: float) -> torch.Tensor:
     """Cross-entropy between the centred, sharpened teacher distribution of each global crop and
     the student's distribution of every *other* crop, averaged over pairs and samples."""
-    targets = [F.softmax((t - center) / teacher_temp, dim=-1).detach() for t in teacher]
+    targets = [F.softmax((t - center) / teacher_temp, dim=-1) for t in teacher]
+    return cross_entropy_pairs(student, targets, student_temp)
+
+
+@in_fp32
+def cross_entropy_pairs(student: list[torch.Tensor], targets: list[torch.Tensor], student_temp: float) -> torch.Tensor:
+    """Mean over pairs (target of global crop i, student logits of crop j != i) of the batch-mean
+    cross-entropy; targets are distributions (centred and sharpened, or Sinkhorn-Knopp's codes)."""
     logps = [F.log_softmax(s / student_temp, dim=-1) for s in student]
     total, pairs = 0.0, 0
     for i, q in enumerate(targets):
         for j, logp in enumerate(logps):
             if i == j:  # the same global crop: no signal
                 continue
-            total = total + torch.sum(-q * logp, dim=-1).mean()
+            total = total + torch.sum(-q.detach() * logp, dim=-1).mean()
             pairs += 1
     return total / pairs
 
@@ -72,7 +79,16 @@ def updated_center(center: torch.Tensor, teacher: list[torch.Tensor], momentum: 
     if world()[1] > 1:
         torch.distributed.all_reduce(batch_sum)
         torch.distributed.all_reduce(count)
-    return center * momentum + batch_sum / count * (1 - momentum)
+    return center * momentum + batch_sum / count.clamp_min(1) * (1 - momentum)  # no rows (no masked patch): decay
+
+
+def teacher_schedule(p, progress: float) -> tuple[float, float]:
+    """(teacher temperature, EMA momentum) at `progress`: the temperature linear from its warm-up
+    value over warmup_teacher_temp_fraction, the momentum cosine to 1 over the run."""
+    w = p.warmup_teacher_temp_fraction
+    ramp = min(1.0, progress / w) if w > 0 else 1.0
+    temp = p.warmup_teacher_temp + (p.teacher_temp - p.warmup_teacher_temp) * ramp
+    return temp, cosine(p.momentum_teacher, 1.0, progress)
 
 
 class DINOParams(Params):
@@ -106,11 +122,7 @@ class DINO(Method):
         self.momentum = params.momentum_teacher
 
     def before_step(self, progress):
-        p = self.params
-        w = p.warmup_teacher_temp_fraction
-        self.teacher_temp = (p.warmup_teacher_temp + (p.teacher_temp - p.warmup_teacher_temp) * min(1.0, progress / w)
-                             if w > 0 else p.teacher_temp)
-        self.momentum = cosine(p.momentum_teacher, 1.0, progress)
+        self.teacher_temp, self.momentum = teacher_schedule(self.params, progress)
 
     def forward(self, batch):
         globals_ = [v for k, v in sorted(batch.items()) if k.startswith("global")]

@@ -25,11 +25,12 @@ def _all_reduce(x: torch.Tensor) -> torch.Tensor:
 @in_fp32
 def sinkhorn(scores: torch.Tensor, eps: float = 0.05, iters: int = 3) -> torch.Tensor:
     """Codes (B, K) for scores (B, K) of this worker's samples, balanced over the global batch:
-    every prototype gets 1/K of the mass, every sample 1/B (rows of the result sum to 1)."""
+    every prototype gets 1/K of the mass, every sample 1/B (rows of the result sum to 1). Workers
+    may hold different numbers of samples (DINOv2's masked patches)."""
     q = torch.exp(scores / eps).T  # (K, B)
     q /= _all_reduce(q.sum())
     k, b = q.shape
-    b_total = b * world()[1]
+    b_total = _all_reduce(torch.tensor(float(b), device=q.device))
     for _ in range(iters):
         q /= _all_reduce(q.sum(1, keepdim=True))
         q /= k

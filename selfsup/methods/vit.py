@@ -79,8 +79,9 @@ class MaskedViT(nn.Module):
         """Patch tokens (B, N, D), the masked ones (True in mask (B, N)) replaced by the mask token."""
         return self._blocks(self._embed(img, mask))[:, self.prefix:]
 
-    def all_tokens(self, img: torch.Tensor) -> torch.Tensor:
-        return self._blocks(self._embed(img))
+    def all_tokens(self, img: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Every token (B, prefix + N, D); with `mask`, the masked patches enter as the mask token."""
+        return self._blocks(self._embed(img, mask))
 
     def cls_attention(self, img: torch.Tensor, layer: int = -1) -> torch.Tensor:
         return cls_attention(self.vit, img, layer)

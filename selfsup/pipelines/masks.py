@@ -4,6 +4,8 @@
 - blockwise (BEiT): rectangles of at least `min_block` patches until the target count, topped up
   with single patches so that the count is exact.
 - multiblock (I-JEPA): `n_targets` target blocks and one context block with every target removed.
+- sometimes blockwise (iBOT, DINOv2's global crops): each image masked with a probability, at a ratio
+  drawn per image from a range; the others have no mask.
 """
 
 from __future__ import annotations
@@ -54,6 +56,16 @@ def blockwise_mask(h: int, w: int, ratio: float, g: torch.Generator, min_block: 
         free = (~flat).nonzero().squeeze(1)
         flat[free[torch.randperm(len(free), generator=g)[:left]]] = True
     return flat
+
+
+def sometimes_blockwise_masks(B: int, h: int, w: int, probability: float, ratio: tuple[float, float],
+                              g: torch.Generator, min_block: int = 4) -> torch.Tensor:
+    """(B, h * w): image b blockwise-masked with `probability`, at a ratio uniform in `ratio`."""
+    out = torch.zeros(B, h * w, dtype=torch.bool)
+    for b in range(B):
+        if _rand(g) < probability:
+            out[b] = blockwise_mask(h, w, ratio[0] + _rand(g) * (ratio[1] - ratio[0]), g, min_block)
+    return out
 
 
 def multiblock_masks(h: int, w: int, g: torch.Generator, n_targets: int = 4,

@@ -7,7 +7,8 @@ config holds that kind's parameters (every one a key a sweep can address, e.g.
 Batch keys (every view a uint8 tensor (B, C, S, S), C the data's channels: 1 for grey, 3 for RGB;
 `to_model_input` turns them into normalised float tensors with the model's channels):
     two_views   view0, view1
-    multi_crop  global0 .. global{n-1} (S = global size), local0 .. local{m-1} (S = local size)
+    multi_crop  global0 .. global{n-1} (S = global size), local0 .. local{m-1} (S = local size);
+                with `masks` (DINOv2's iBOT): mask0 .. mask{n-1} (B, N) bool, True = masked, for the global crops
     masked      image, and with strategy random|blockwise: mask (B, N) bool, True = masked;
                 with strategy multiblock: context (B, N) bool, True = visible to the context
                 encoder, targets (B, K, N) bool, True = in target block k
@@ -28,7 +29,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from selfsup.pipelines import augment as A
-from selfsup.pipelines.masks import blockwise_mask, multiblock_masks, random_masks
+from selfsup.pipelines.masks import blockwise_mask, multiblock_masks, random_masks, sometimes_blockwise_masks
 
 Pair = tuple[float, float]
 
@@ -68,12 +69,36 @@ class TwoViews(Strict):
     view1: Augment = Augment()
 
 
+class CropMasks(Strict):
+    """iBOT's masks on the global crops (DINOv2's defaults): an image is masked with `probability`,
+    blockwise, at a ratio uniform in `ratio`; `patch_size` is the ViT's."""
+
+    patch_size: int = Field(16, ge=1)
+    probability: float = Field(0.5, ge=0, le=1)
+    ratio: Pair = (0.1, 0.5)
+    min_block: int = Field(4, ge=1)
+
+    @model_validator(mode="after")
+    def _ratio(self):
+        if not 0 <= self.ratio[0] <= self.ratio[1] < 1:
+            raise ValueError(f"ratio must be (low, high) with 0 <= low <= high < 1, got {self.ratio}")
+        return self
+
+
 class MultiCrop(Strict):
     kind: Literal["multi_crop"] = "multi_crop"
     n_global: int = Field(2, ge=1)
     n_local: int = Field(6, ge=0)
     global_view: Augment = Augment(size=32, scale=(0.4, 1.0))
     local_view: Augment = Augment(size=16, scale=(0.05, 0.4))
+    masks: CropMasks | None = None  # for methods that mask the global crops (dinov2)
+
+    @model_validator(mode="after")
+    def _grid(self):
+        if self.masks and self.global_view.size % self.masks.patch_size:
+            raise ValueError(f"global_view.size {self.global_view.size} is not a multiple of masks.patch_size "
+                             f"{self.masks.patch_size}")
+        return self
 
 
 class Masked(Strict):
@@ -150,12 +175,15 @@ def views_of(x: torch.Tensor, sizes: torch.Tensor, spec: TwoViews | MultiCrop | 
     if isinstance(spec, MultiCrop):
         out = {f"global{i}": augment(x, sizes, spec.global_view, g) for i in range(spec.n_global)}
         out.update({f"local{i}": augment(x, sizes, spec.local_view, g) for i in range(spec.n_local)})
+        if spec.masks:
+            m, side, cpu = spec.masks, spec.global_view.size // spec.masks.patch_size, _cpu_generator(g)
+            out.update({f"mask{i}": sometimes_blockwise_masks(len(x), side, side, m.probability, m.ratio, cpu, m.min_block)
+                        for i in range(spec.n_global)})
         return out
     out = {"image": augment(x, sizes, spec.view, g)}
     side = spec.view.size // spec.patch_size
     B = len(x)
-    if g.device.type != "cpu":
-        g = torch.Generator().manual_seed(int(torch.randint(2**62, (), generator=g, device=g.device)))
+    g = _cpu_generator(g)
     if spec.strategy == "random":
         out["mask"] = random_masks(B, side, side, spec.ratio, g)
     elif spec.strategy == "blockwise":
@@ -165,6 +193,13 @@ def views_of(x: torch.Tensor, sizes: torch.Tensor, spec: TwoViews | MultiCrop | 
                                           spec.context_scale) for _ in range(B)))
         out["context"], out["targets"] = torch.stack(ctx), torch.stack(tgt)
     return out
+
+
+def _cpu_generator(g: torch.Generator) -> torch.Generator:
+    """Masks are drawn on the CPU: from `g` itself, or from a CPU generator it seeds."""
+    if g.device.type == "cpu":
+        return g
+    return torch.Generator().manual_seed(int(torch.randint(2**62, (), generator=g, device=g.device)))
 
 
 def to_model_input(batch: dict[str, torch.Tensor], mean: list[float], std: list[float], channels: int = 3,

@@ -2,7 +2,8 @@
 
 A checkpoint is the folder `<run>/checkpoint-<step:08d>/`:
 
-    state.pt       model (with teacher, centre, queues), optimizer, step, epoch, elapsed time, RNG
+    state.pt       model (with EMA teacher, centre, queues; not distill's frozen teacher), optimizer, step,
+                   epoch, elapsed time, RNG
     meta.json      step, epoch, elapsed training time
     manifest.json  every other file of the folder with its size and sha256; written last
 

@@ -201,6 +201,12 @@ class Config(Strict):
         if cls.view_kind == "masked" and self.data.views.strategy not in cls.mask_strategies:
             raise ValueError(f"data.views.strategy {self.data.views.strategy!r} does not fit method {self.method.name!r}, "
                              f"which takes {' or '.join(cls.mask_strategies)}")
+        if cls.view_kind == "multi_crop" and cls.masks_global_crops and self.data.views.masks is None:
+            raise ValueError(f"method {self.method.name!r} masks its global crops: set data.views.masks "
+                             "(e.g. data.views.masks.patch_size=<the ViT's patch size>)")
+        if cls.view_kind == "multi_crop" and not cls.masks_global_crops and self.data.views.masks is not None:
+            raise ValueError(f"data.views.masks is for methods that mask their global crops (dinov2); "
+                             f"{self.method.name!r} does not")
         if self.scaling.min_workers and self.scaling.min_workers > self.scaling.num_workers:
             raise ValueError(f"scaling.min_workers {self.scaling.min_workers} > scaling.num_workers {self.scaling.num_workers}")
         if self.data.mean and len(self.data.mean) not in (1, self.model.in_chans):

@@ -50,7 +50,7 @@ TRIAL_RESOURCES = {"CPU": 0, "memory": 2**30}
 FAMILY = {"simclr": "contrastive", "mocov2": "contrastive", "mocov3": "contrastive", "swav": "clustering",
           "deepclusterv2": "clustering", "dino": "dino", "byol": "two_views", "simsiam": "two_views",
           "barlowtwins": "two_views", "vicreg": "two_views", "mae": "masked", "simmim": "masked", "beit": "masked",
-          "maskfeat": "masked", "ijepa": "masked"}
+          "maskfeat": "masked", "ijepa": "masked", "dinov2": "dino", "distill": "two_views"}
 
 
 class SpaceError(ConfigError):
@@ -239,8 +239,8 @@ class Progress(tune.Callback):
 # ------------------------------------------------------------------------------------ the sweep
 def reported_metrics(method: str) -> list[str]:
     """What a run's evaluations report (train_loop's Evaluator): the backbone's kNN top-1, and that
-    of the teacher for a method that has one (DINO)."""
-    return ["knn_top1", *(["knn_top1_teacher"] if method == "dino" else [])]
+    of the EMA teacher for a method that has one (DINO, DINOv2)."""
+    return ["knn_top1", *(["knn_top1_teacher"] if method in ("dino", "dinov2") else [])]
 
 
 def sweep_name(config: str | None, space: str) -> str:

@@ -22,6 +22,7 @@ from selfsup.platform.config import Config, validate
 from selfsup.platform.checkpoints import read_checkpoint, save_checkpoint, wait_complete
 from selfsup.platform.runs import checkpoint_name
 from selfsup.platform.step import Progress, TrainStep, build_method
+from selfsup.platform.teacher import attach_teacher
 
 log = logging.getLogger("selfsup.train")
 
@@ -227,7 +228,9 @@ def train_func(config: dict) -> None:
     streams = EpochStreams(cfg, ep, config["streams"], health, rank, world, local_bs)
 
     stream = streams.get(position)
-    method = build_method(cfg, n_train, ep).to(device)
+    method = build_method(cfg, n_train, ep)
+    attach_teacher(method, cfg, ep)  # distill's frozen teacher
+    method.to(device)
     # sets the memory format: before DDP builds its buckets
     step_fn = TrainStep(method, cfg, device, global_batch=global_bs, accum=accum)
     if world > 1:

@@ -30,6 +30,7 @@ from selfsup.platform.config import Config, ConfigError, to_yaml, validate
 from selfsup.platform.elastic import NODE_HEALTH, fast_coordinator, lean_trainer, train_env
 from selfsup.platform.runs import (CONFIG, HEARTBEAT_S, METRICS, SUMMARY, RunError, RunFailed, merge_row, now, one_line_cause,
                                    read_metrics, read_summary, summarise, write_heartbeat)
+from selfsup.platform.teacher import check_teacher
 from selfsup.platform.tokenizer import fit_tokenizer
 from selfsup.platform.trackers import TrackerLog, Trackers, close_trackers, open_trackers
 
@@ -253,6 +254,8 @@ def preflight(cfg: Config, manifest: dict, ep: Endpoint | None, log=print) -> tu
                 if split not in labeled["splits"]:
                     raise ConfigError(f"{key} {split!r} is not a split of {cfg.eval_uri()} "
                                       f"(it has {', '.join(labeled['splits'])})")
+    if "teacher" in METHODS[cfg.method.name].Params.model_fields:  # distill
+        check_teacher(cfg, ep)
     n_train = splits[cfg.data.train_split]["num_samples"]
     if n_train < cfg.data.batch_size:
         raise ConfigError(f"data.batch_size {cfg.data.batch_size} is larger than split {cfg.data.train_split!r} "
